@@ -1,0 +1,263 @@
+"""The ``dicom-node`` command.
+
+serve         run the node: receiver + workers, restarted if they die
+receive       run only the receiver process (SCP, completion sweep)
+worker        run only a worker process (inference, encoding, sending)
+check-config  validate config.toml and the model cards it names
+echo          C-ECHO a configured destination
+send          C-STORE files or folders to a configured destination
+studies       list studies and their state
+jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
+route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import Config, load_config
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.log import configure_logging
+
+DEFAULT_CONFIG = os.environ.get("DICOM_NODE_CONFIG", "config.toml")
+
+
+def _load(args: argparse.Namespace, process: str | None = None) -> Config:
+    config = load_config(args.config)
+    configure_logging(config.logging.format, config.logging.level, process=process)
+    return config
+
+
+def validate_models(config: Config) -> list[str]:
+    """Load every model card the config names; return the problems found (empty: all valid)."""
+    from dicom_node.infer.card import load_card
+
+    problems = []
+    for model in config.models:
+        try:
+            card = load_card(model.path)
+        except ConfigError as exc:
+            problems.append(f"models[{model.name}]: {exc}")
+            continue
+        if card.name != model.name:
+            problems.append(f"models[{model.name}]: the card at {model.path} is named "
+                            f"{card.name!r}, not {model.name!r}")
+    return problems
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    problems = validate_models(config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    print(f"{args.file}: valid ({len(config.routes)} routes, {len(config.models)} models, "
+          f"{len(config.destinations)} destinations)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.processes import serve
+
+    config = _load(args, "supervisor")
+    problems = validate_models(config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return serve(config, Path(args.config).resolve())
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    from dicom_node.processes import run_receiver
+
+    run_receiver(_load(args, "receiver"))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.processes import run_worker
+
+    run_worker(_load(args, args.name or "worker"), args.name)
+    return 0
+
+
+def _destination(config: Config, name: str) -> Any:
+    try:
+        return config.destination(name)
+    except KeyError:
+        known = ", ".join(d.name for d in config.destinations) or "none"
+        raise ConfigError(f"unknown destination {name!r} (configured: {known})") from None
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.send.scu import echo
+
+    config = _load(args)
+    dest = _destination(config, args.destination)
+    status = echo(dest, config.node.ae_title)
+    print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.send.scu import expand_paths, send_files
+
+    config = _load(args)
+    dest = _destination(config, args.to)
+    files = expand_paths(Path(p) for p in args.paths)
+    report = send_files(dest, files, config.node.ae_title)
+    print(f"{dest.name}: {report.sent} sent ({report.warnings} with warnings), "
+          f"{len(report.failed)} failed")
+    for uid, reason in report.failed:
+        print(f"  failed {uid}: {reason}", file=sys.stderr)
+    return 0 if not report.failed else 1
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("(none)")
+        return
+    table = [[str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _sessions(config: Config) -> Any:
+    from dicom_node.store.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(config.database.url))
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from dicom_node.store.index import list_studies
+
+    config = _load(args)
+    with _sessions(config)() as session:
+        rows = list_studies(session, args.limit)
+    for row in rows:
+        row["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(row["jobs"].items())) or "-"
+    _print_rows(rows, ["study_instance_uid", "state", "generation", "instances",
+                       "last_received_at", "jobs", "note"], args.json)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node.jobs import queue
+
+    config = _load(args)
+    sessions = _sessions(config)
+    if args.action == "retry":
+        retried = queue.retry(sessions, args.ids or None)
+        print(f"re-queued {len(retried)} failed job(s): {', '.join(map(str, retried)) or '-'}")
+        return 0
+    with sessions() as session:
+        rows = queue.list_jobs(session, args.state, args.limit)
+    _print_rows(rows, ["id", "study_instance_uid", "route", "model", "model_version", "state",
+                       "attempts", "delivered", "last_error"], args.json)
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from dicom_node.route import route_study, summarize_files
+    from dicom_node.send.scu import expand_paths
+
+    config = _load(args)
+    target = Path(args.study)
+    if target.exists():
+        summary = summarize_files(expand_paths([target]), args.calling_ae or ())
+    else:
+        from dicom_node.complete import summarize_stored_study
+
+        with _sessions(config)() as session:
+            summary = summarize_stored_study(session, config.node.data_dir, args.study)
+        if summary.instance_count == 0:
+            raise DicomNodeError(f"{args.study}: neither a folder nor a stored study UID")
+    print(f"study {summary.study_instance_uid}: {summary.instance_count} instance(s), "
+          f"{summary.series_count} series, modalities "
+          f"{', '.join(sorted(summary.values.get('Modality', ()))) or '-'}")
+    fired = 0
+    for decision in route_study(summary, config.routes):
+        fired += decision.fires
+        verdict = "FIRES" if decision.fires else "does not fire"
+        print(f"route {decision.route.name!r}: {verdict}"
+              + (f" → models {list(decision.route.models)} → {list(decision.route.send_to)}"
+                 if decision.fires else ""))
+        for reason in decision.reasons:
+            print(f"    {reason}")
+    if not fired:
+        print("no route fires: the study would be kept and logged as unrouted")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=DEFAULT_CONFIG,
+                       help="config file (default: $DICOM_NODE_CONFIG or ./config.toml)")
+        return p
+
+    with_config(sub.add_parser("serve", help="run receiver and workers")).set_defaults(
+        func=cmd_serve)
+    with_config(sub.add_parser("receive", help="run the receiver process only")).set_defaults(
+        func=cmd_receive)
+    p = with_config(sub.add_parser("worker", help="run one worker process only"))
+    p.add_argument("--name", help="worker name recorded on the jobs it claims")
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("check-config", help="validate a config file and its model cards")
+    p.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check_config)
+    p = with_config(sub.add_parser("echo", help="C-ECHO a configured destination"))
+    p.add_argument("destination")
+    p.set_defaults(func=cmd_echo)
+    p = with_config(sub.add_parser("send", help="C-STORE files or folders to a destination"))
+    p.add_argument("--to", required=True, help="destination name from the config")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_send)
+    p = with_config(sub.add_parser("studies", help="list studies and their state"))
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies)
+    p = with_config(sub.add_parser("jobs", help="list jobs, or retry failed ones"))
+    p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    p.add_argument("ids", nargs="*", type=int, help="job ids for retry (default: all failed)")
+    p.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+    p = with_config(sub.add_parser("route", help="show which routes fire for a study"))
+    p.add_argument("--dry-run", action="store_true", required=True,
+                   help="only evaluate; nothing is queued")
+    p.add_argument("study", help="a stored Study Instance UID or a folder/file of DICOM")
+    p.add_argument("--calling-ae", action="append", help="calling AE title to assume (folder)")
+    p.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except DicomNodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

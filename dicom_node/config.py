@@ -1,0 +1,288 @@
+"""One validated schema for config.toml.
+
+The configuration is a single immutable :class:`Config` object, loaded with :func:`load_config`
+and passed explicitly to every stage; nothing reads a module global. Relative paths in the file
+(``node.data_dir``, ``models[].path``, a relative SQLite URL) are resolved against the directory
+that holds the config file, so the node behaves the same from any working directory.
+
+A file that does not validate raises :class:`~dicom_node.errors.ConfigError` whose message names
+every offending key and why, e.g. ``routes[0].send_to: unknown destination 'pacs2'``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydicom.datadict import tag_for_keyword
+
+from dicom_node.errors import ConfigError
+
+#: Keys of a route's ``match`` table that are not DICOM keywords.
+CALLING_AE_KEY = "CallingAETitle"
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title: 1–16 characters of the default repertoire, no backslash, not only spaces."""
+    if not value.strip():
+        raise ValueError("an AE title may not be empty or only spaces")
+    if len(value) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {value!r} has {len(value)}")
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError(f"AE title {value!r} contains a backslash or a non-printable character")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: AETitle = "DICOM_NODE"
+    port: Port = 11112
+    bind: str = "0.0.0.0"
+    data_dir: Path = Path("var")
+    allowed_calling_aets: tuple[AETitle, ...] = ()
+    #: Simultaneous associations; the next one is rejected (transient, "local limit exceeded").
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    #: A peer that sends nothing for this long has its association aborted.
+    network_timeout_seconds: Seconds = 60.0
+    acse_timeout_seconds: Seconds = 30.0
+    dimse_timeout_seconds: Seconds = 60.0
+    #: Largest P-DATA PDU we accept (advertised in A-ASSOCIATE-AC); 0 means unlimited.
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 262_144
+    #: What a second copy of a stored SOP Instance UID does: "replace" keeps the newest copy.
+    #: "keep" keeps the first copy. Either way the sender gets Success and the study's clock
+    #: restarts.
+    on_duplicate: Literal["replace", "keep"] = "replace"
+
+
+class DatabaseSection(_Section):
+    url: str = "sqlite:///var/dicom-node.db"
+
+
+class CompletionSection(_Section):
+    stable_after_seconds: Seconds = 30.0
+    #: How often the completion sweep looks for stable studies.
+    sweep_interval_seconds: Seconds = 2.0
+
+
+class JobsSection(_Section):
+    #: Attempts before a job is marked failed (an administrator can retry it).
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
+    retry_base_seconds: Seconds = 10.0
+    retry_max_seconds: Seconds = 600.0
+    #: A worker that holds a job longer than this without renewing loses it to another worker.
+    lease_seconds: Seconds = 300.0
+    #: How often an idle worker looks for work.
+    poll_seconds: Seconds = 1.0
+    #: Worker processes that `dicom-node serve` starts.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class LoggingSection(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Destination(_Section):
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+    #: Our AE title on associations to this destination (default: node.ae_title).
+    calling_ae_title: AETitle | None = None
+    timeout_seconds: Seconds = 30.0
+
+
+class ModelRef(_Section):
+    name: str = Field(min_length=1)
+    path: Path
+
+
+class RegexMatch(_Section):
+    """``{ regex = "..." }`` in a route's match: the value must match (``re.search``)."""
+
+    regex: str
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+    def matches(self, text: str) -> bool:
+        return re.search(self.regex, text) is not None
+
+
+MatchValue = str | RegexMatch | list[str | RegexMatch]
+
+
+class Route(_Section):
+    name: str = Field(min_length=1)
+    #: DICOM keyword (or CallingAETitle) → accepted values. Keys AND, values OR.
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    models: tuple[str, ...] = Field(min_length=1)
+    send_to: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("match")
+    @classmethod
+    def _keywords_exist(cls, value: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        for key in value:
+            if key != CALLING_AE_KEY and tag_for_keyword(key) is None:
+                raise ValueError(
+                    f"{key!r} is not a DICOM keyword (use a keyword from PS3.6, "
+                    f"e.g. Modality, BodyPartExamined, or {CALLING_AE_KEY})"
+                )
+        return value
+
+    def accepted(self, key: str) -> tuple[str | RegexMatch, ...]:
+        """The accepted values for one match key, as a tuple."""
+        value = self.match[key]
+        return tuple(value) if isinstance(value, list) else (value,)
+
+
+class Config(_Section):
+    node: NodeSection = NodeSection()
+    database: DatabaseSection = DatabaseSection()
+    completion: CompletionSection = CompletionSection()
+    jobs: JobsSection = JobsSection()
+    logging: LoggingSection = LoggingSection()
+    destinations: tuple[Destination, ...] = ()
+    models: tuple[ModelRef, ...] = ()
+    routes: tuple[Route, ...] = ()
+    #: Where the file was read from (set by load_config; not a key of the file).
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        for kind, items in (("destination", self.destinations), ("model", self.models),
+                            ("route", self.routes)):
+            names = [item.name for item in items]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{kind} names must be unique; repeated: {', '.join(duplicates)}")
+        dest_names = {d.name for d in self.destinations}
+        model_names = {m.name for m in self.models}
+        problems = []
+        for i, route in enumerate(self.routes):
+            for name in route.send_to:
+                if name not in dest_names:
+                    problems.append(f"routes[{i}].send_to: unknown destination {name!r} "
+                                    f"(defined: {', '.join(sorted(dest_names)) or 'none'})")
+            for name in route.models:
+                if name not in model_names:
+                    problems.append(f"routes[{i}].models: unknown model {name!r} "
+                                    f"(defined: {', '.join(sorted(model_names)) or 'none'})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    def model(self, name: str) -> ModelRef:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.node.data_dir / "incoming"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.node.data_dir / "results"
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (not part of the config schema; check the spelling)"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{origin}: {loc or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative paths in the raw table relative to ``base`` (the config file's folder)."""
+    node = raw.get("node")
+    if isinstance(node, dict) and "data_dir" in node:
+        node["data_dir"] = str(base / str(node["data_dir"]))
+    elif node is None or isinstance(node, dict):
+        raw.setdefault("node", {})["data_dir"] = str(base / "var")
+    for model in raw.get("models", []) or []:
+        if isinstance(model, dict) and "path" in model:
+            model["path"] = str(base / str(model["path"]))
+    database = raw.get("database")
+    url = database.get("url") if isinstance(database, dict) else "sqlite:///var/dicom-node.db"
+    if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        relative = url.removeprefix("sqlite:///")
+        if relative and relative != ":memory:":
+            raw.setdefault("database", {})["url"] = f"sqlite:///{base / relative}"
+    return raw
+
+
+def parse_config(
+    raw: Mapping[str, Any], origin: str = "config", base: Path | None = None
+) -> Config:
+    """Validate an already-parsed TOML table; raise ConfigError naming every bad key."""
+    table = dict(raw)
+    if base is not None:
+        table = _resolve_paths({k: (dict(v) if isinstance(v, dict) else
+                                    [dict(i) if isinstance(i, dict) else i for i in v]
+                                    if isinstance(v, list) else v)
+                                for k, v in table.items()}, base)
+    try:
+        return Config.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and return the config at ``path``."""
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = parse_config(raw, origin=str(path), base=path.parent)
+    return config.model_copy(update={"source": path})

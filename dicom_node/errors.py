@@ -1,0 +1,47 @@
+"""The exceptions dicom-node raises, in one place.
+
+::
+
+    DicomNodeError
+    ├── ConfigError            config.toml (or a model card) is invalid; the message names the key
+    ├── StoreError             the spool or the index could not take an instance
+    │   └── InvalidUIDError    a UID that does not follow the UID grammar (PS3.5 §9.1)
+    ├── ModelError             a model could not be loaded or run
+    │   └── PreprocessingError an image could not be turned into the model's input
+    ├── EncodeError            a result could not be encoded as valid DICOM
+    └── SendError              a destination refused, or could not be reached
+"""
+
+from __future__ import annotations
+
+
+class DicomNodeError(Exception):
+    """Base class of every error raised on purpose by dicom-node."""
+
+
+class ConfigError(DicomNodeError):
+    """The configuration (or a model card it names) is invalid."""
+
+
+class StoreError(DicomNodeError):
+    """An instance could not be stored durably."""
+
+
+class InvalidUIDError(StoreError):
+    """A UID that does not follow the DICOM UID grammar."""
+
+
+class ModelError(DicomNodeError):
+    """A model could not be loaded or run."""
+
+
+class PreprocessingError(ModelError):
+    """An image could not be turned into the model's input."""
+
+
+class EncodeError(DicomNodeError):
+    """A result could not be encoded as a DICOM object."""
+
+
+class SendError(DicomNodeError):
+    """A C-STORE to a destination failed."""

@@ -1,0 +1,220 @@
+"""The durable job queue in the index database.
+
+A job is one (study generation, route, model). Its life::
+
+    pending ──claim (lease)──▶ running ──▶ done
+       ▲                          │
+       └── retry after backoff ◀──┤ (attempts < max_attempts)
+                                  └──▶ failed ──(administrator: retry)──▶ pending
+
+Every state change is one transaction. A claim is a conditional UPDATE (pending and due, or
+running with an expired lease), so two workers never hold the same job, on SQLite or PostgreSQL.
+A worker killed mid-job leaves its lease to expire; the job then runs again, and because result
+UIDs are deterministic the destination sees a re-send, not a duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import JobsSection
+from dicom_node.store.db import Job, JobState, Study, StudyState, utcnow
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    study_instance_uid: str
+    generation: int
+    route_name: str
+    model_name: str
+    destinations: tuple[str, ...]
+    delivered: tuple[str, ...]
+    attempts: int
+    owner: str
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(p for p in (text or "").split(",") if p)
+
+
+def backoff(attempts: int, jobs: JobsSection) -> timedelta:
+    """Capped exponential backoff after the ``attempts``-th failed attempt."""
+    seconds = min(jobs.retry_base_seconds * 2 ** max(attempts - 1, 0), jobs.retry_max_seconds)
+    return timedelta(seconds=seconds)
+
+
+def _due(now: datetime) -> Any:
+    return or_(
+        and_(Job.state == JobState.PENDING, Job.not_before <= now),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
+
+
+def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
+          now: datetime | None = None) -> ClaimedJob | None:
+    """Claim the oldest due job for ``owner`` with a lease; None when there is nothing to do."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        candidates = session.scalars(
+            select(Job).where(_due(now)).order_by(Job.not_before, Job.id).limit(8)).all()
+        for job in candidates:
+            if job.state == JobState.RUNNING and job.attempts >= jobs.max_attempts:
+                _finish_failed(session, job, f"lease of {job.lease_owner} expired on the last "
+                               f"of {jobs.max_attempts} attempts", now)
+                continue
+            result = session.execute(
+                update(Job).where(Job.id == job.id).where(_due(now)).values(
+                    state=JobState.RUNNING, lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=jobs.lease_seconds),
+                    attempts=Job.attempts + 1, updated_at=now)
+                .execution_options(synchronize_session=False))
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                return ClaimedJob(
+                    id=job.id, study_instance_uid=job.study_instance_uid,
+                    generation=job.generation, route_name=job.route_name,
+                    model_name=job.model_name, destinations=_split(job.destinations),
+                    delivered=_split(job.delivered), attempts=job.attempts + 1, owner=owner)
+    return None
+
+
+def _owned(session: Session, job_id: int, owner: str) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+        return None
+    return job
+
+
+def renew(sessions: sessionmaker[Session], claimed: ClaimedJob, jobs: JobsSection) -> bool:
+    """Extend the lease; False when the job is no longer ours (the lease expired and was taken)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = _owned(session, claimed.id, claimed.owner)
+        if job is None:
+            return False
+        job.lease_expires_at = now + timedelta(seconds=jobs.lease_seconds)
+        job.updated_at = now
+        return True
+
+
+def record_delivery(sessions: sessionmaker[Session], claimed: ClaimedJob, destination: str,
+                    model_version: str) -> None:
+    with sessions.begin() as session:
+        job = _owned(session, claimed.id, claimed.owner)
+        if job is not None:
+            job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
+            job.model_version = model_version
+            job.updated_at = utcnow()
+
+
+def succeed(sessions: sessionmaker[Session], claimed: ClaimedJob, model_version: str) -> bool:
+    now = utcnow()
+    with sessions.begin() as session:
+        job = _owned(session, claimed.id, claimed.owner)
+        if job is None:
+            return False
+        job.state = JobState.DONE
+        job.lease_owner = job.lease_expires_at = None
+        job.last_error = None
+        job.model_version = model_version
+        job.updated_at = now
+        _settle_study(session, job)
+        return True
+
+
+def fail(sessions: sessionmaker[Session], claimed: ClaimedJob, error: str, jobs: JobsSection,
+         *, permanent: bool = False) -> JobState | None:
+    """Record a failed attempt: back to pending after a backoff, or failed when the budget is
+    spent (or the error is permanent). Returns the new state, None if the job was not ours."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = _owned(session, claimed.id, claimed.owner)
+        if job is None:
+            return None
+        if permanent or job.attempts >= jobs.max_attempts:
+            _finish_failed(session, job, error, now)
+        else:
+            job.state = JobState.PENDING
+            job.not_before = now + backoff(job.attempts, jobs)
+            job.lease_owner = job.lease_expires_at = None
+            job.last_error = error
+            job.updated_at = now
+        return job.state
+
+
+def _finish_failed(session: Session, job: Job, error: str, now: datetime) -> None:
+    job.state = JobState.FAILED
+    job.lease_owner = job.lease_expires_at = None
+    job.last_error = error
+    job.updated_at = now
+    _settle_study(session, job)
+
+
+def _settle_study(session: Session, job: Job) -> None:
+    """When every job of the study's current generation has ended, the study's state says how."""
+    study = session.get(Study, job.study_instance_uid)
+    if study is None or study.generation != job.generation or study.state != StudyState.ROUTED:
+        return
+    states = set(session.scalars(select(Job.state).where(
+        Job.study_instance_uid == study.study_instance_uid,
+        Job.generation == study.generation)).all())
+    if states <= {JobState.DONE}:
+        study.state = StudyState.DONE
+    elif states <= {JobState.DONE, JobState.FAILED}:
+        study.state = StudyState.FAILED
+
+
+def retry(sessions: sessionmaker[Session], job_ids: Sequence[int] | None = None) -> list[int]:
+    """Administrator's retry: failed jobs (all, or those named) go back to pending, budget reset."""
+    now = utcnow()
+    with sessions.begin() as session:
+        query = select(Job).where(Job.state == JobState.FAILED)
+        if job_ids:
+            query = query.where(Job.id.in_(list(job_ids)))
+        retried = []
+        for job in session.scalars(query):
+            job.state = JobState.PENDING
+            job.attempts = 0
+            job.not_before = now
+            job.updated_at = now
+            retried.append(job.id)
+            study = session.get(Study, job.study_instance_uid)
+            if study is not None and study.generation == job.generation and study.state in (
+                    StudyState.FAILED, StudyState.DONE):
+                study.state = StudyState.ROUTED
+        return retried
+
+
+def create_jobs(session: Session, study: Study, route_name: str, models: Sequence[str],
+                destinations: Sequence[str], now: datetime) -> list[Job]:
+    """Jobs for one fired route on the study's current generation (inside the caller's
+    transaction)."""
+    created = []
+    for model in models:
+        job = Job(study_instance_uid=study.study_instance_uid, generation=study.generation,
+                  route_name=route_name, model_name=model, destinations=",".join(destinations),
+                  delivered="", state=JobState.PENDING, attempts=0, not_before=now,
+                  created_at=now, updated_at=now)
+        session.add(job)
+        created.append(job)
+    return created
+
+
+def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state:
+        query = query.where(Job.state == JobState(state))
+    return [{
+        "id": job.id, "study_instance_uid": job.study_instance_uid,
+        "generation": job.generation, "route": job.route_name, "model": job.model_name,
+        "model_version": job.model_version or "", "state": job.state.value,
+        "attempts": job.attempts, "destinations": job.destinations,
+        "delivered": job.delivered, "not_before": job.not_before.isoformat(timespec="seconds"),
+        "last_error": job.last_error or "",
+    } for job in session.scalars(query)]

@@ -1,0 +1,121 @@
+"""Run one claimed job: infer → encode → write results → send to each destination.
+
+Results are written to ``<data_dir>/results/<study>/<generation>/<route>/<model>/`` before anything
+is sent, so a retry after a send failure resends the same files without running the model again,
+and a retry after a crash rebuilds the same objects with the same UIDs (see dicom_node.uids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Config
+from dicom_node.errors import DicomNodeError, PreprocessingError, SendError
+from dicom_node.jobs import queue
+from dicom_node.jobs.queue import ClaimedJob
+from dicom_node.log import get_logger
+from dicom_node.send.scu import send_files
+from dicom_node.store.index import study_instances
+from dicom_node.store.spool import write_file
+from dicom_node.uids import result_uids
+
+log = get_logger()
+
+
+def results_folder(config: Config, job: ClaimedJob, model_version: str) -> Path:
+    """Where a job's result objects live; names from UIDs and hashes, never from free text."""
+    key = hashlib.sha256(f"{job.route_name}\x00{job.model_name}\x00{model_version}".encode())
+    return (config.results_dir / job.study_instance_uid / str(job.generation)
+            / key.hexdigest()[:16])
+
+
+def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
+                  modalities: tuple[str, ...]) -> list[Dataset]:
+    with sessions() as session:
+        instances = study_instances(session, job.study_instance_uid)
+        paths = [config.node.data_dir / i.path for i in instances
+                 if not modalities or i.modality in modalities]
+    if not paths:
+        raise PreprocessingError(
+            f"the study has no instance of modality {' or '.join(modalities)} for this model")
+    return [dcmread(p) for p in paths]
+
+
+def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> tuple[
+        list[Path], str]:
+    """Run the model and encode its results (or reuse results already written); return the
+    result files and the model version."""
+    # Imported here: the receiver process imports the jobs package but never runs a model.
+    from dicom_node.encode.sr import build_classification_sr
+    from dicom_node.infer.card import load_card
+    from dicom_node.infer.runtime import classify
+
+    model_ref = config.model(job.model_name)
+    card = load_card(model_ref.path)
+    folder = results_folder(config, job, card.version)
+    existing = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+    if existing:
+        log.info("results_reused", files=len(existing))
+        return existing, card.version
+    sources = _load_sources(config, sessions, job, tuple(card.modalities))
+    result = classify(card, model_ref.path, sources)
+    kind = "sr" if job.generation == 0 else f"sr.g{job.generation}"
+    uids = result_uids(job.study_instance_uid, job.route_name, card.name, card.version, kind)
+    sr = build_classification_sr(sources, result, uids, job.route_name)
+    log.info("inference_done", findings={f.concept.meaning: round(f.probability, 4)
+                                         for f in result.findings},
+             images=len(result.source_sop_instance_uids), sr_sop_instance_uid=uids.sop_instance_uid)
+    path = folder / f"{uids.sop_instance_uid}.dcm"
+    buffer = BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    write_file(buffer.getvalue(), path, config.node.data_dir / "incoming")
+    return [path], card.version
+
+
+def run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
+    """Run a claimed job to its end state; never raises for a job's own failure."""
+    bound = log.bind(job_id=job.id, study_uid=job.study_instance_uid, route=job.route_name,
+                     model=job.model_name, attempt=job.attempts)
+    bound.info("job_started", destinations=list(job.destinations))
+    version = ""
+    try:
+        files, version = build_results(config, sessions, job)
+        if not queue.renew(sessions, job, config.jobs):
+            bound.warning("job_lease_lost", reason="another worker took the job over")
+            return
+        for name in job.destinations:
+            if name in job.delivered:
+                continue
+            try:
+                dest = config.destination(name)
+            except KeyError:
+                raise SendError(f"destination {name!r} is no longer in the config") from None
+            report = send_files(dest, files, config.node.ae_title)
+            if report.failed:
+                reasons = "; ".join(f"{uid}: {why}" for uid, why in report.failed[:3])
+                raise SendError(f"{name}: {len(report.failed)} of {len(files)} instance(s) "
+                                f"failed: {reasons}")
+            queue.record_delivery(sessions, job, name, version)
+            bound.info("results_sent", destination=name, instances=report.sent,
+                       warnings=report.warnings)
+    except PreprocessingError as exc:
+        state = queue.fail(sessions, job, str(exc), config.jobs, permanent=True)
+        bound.error("job_failed", reason=str(exc), state=str(state), retry="by administrator")
+        return
+    except (DicomNodeError, OSError, ValueError) as exc:
+        state = queue.fail(sessions, job, f"{type(exc).__name__}: {exc}", config.jobs)
+        event = "job_failed" if state is not None and state.value == "failed" else "job_retry"
+        bound.error(event, reason=str(exc), state=str(state), attempts=job.attempts,
+                    max_attempts=config.jobs.max_attempts)
+        return
+    except Exception as exc:  # a model or library bug must not kill the worker
+        state = queue.fail(sessions, job, f"unexpected {type(exc).__name__}: {exc}", config.jobs)
+        bound.exception("job_error", state=str(state))
+        return
+    if queue.succeed(sessions, job, version):
+        bound.info("job_done", model_version=version)

@@ -1,0 +1,147 @@
+"""The node's OS processes: receiver, worker, and the supervisor that ``serve`` runs.
+
+``dicom-node serve`` starts one receiver process (the SCP, the completion sweep, the config watch)
+and ``jobs.workers`` worker processes (inference, encoding, sending). They share only the database
+and the data folder, so a slow or crashing model never stalls the SCP. The supervisor restarts a
+child that dies, with a growing delay, and forwards SIGHUP (reload) and SIGTERM (stop).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from dicom_node.config import Config
+from dicom_node.jobs import queue
+from dicom_node.log import get_logger
+from dicom_node.reload import ConfigWatcher
+from dicom_node.store.db import make_engine, make_sessionmaker
+
+log = get_logger()
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def run_receiver(config: Config) -> None:
+    """The receiver process: blocks until SIGTERM/SIGINT."""
+    from dicom_node.receive.scp import Receiver
+    from dicom_node.scheduler import ReceiverScheduler
+
+    sessions = make_sessionmaker(make_engine(config.database.url))
+    receiver = Receiver(config, sessions)
+    scheduler: ReceiverScheduler | None = None
+
+    def apply(new: Config) -> None:
+        receiver.reconfigure(new)
+        if scheduler is not None:
+            scheduler.reconfigure(new)
+
+    watcher = ConfigWatcher(config, apply) if config.source else None
+    scheduler = ReceiverScheduler(config, sessions, watcher.check if watcher else None)
+    stop = _stop_event()
+    if watcher:
+        watcher.install_sighup()
+    receiver.start()
+    scheduler.start()
+    try:
+        stop.wait()
+    finally:
+        receiver.stop()
+        scheduler.stop()
+
+
+def run_worker(config: Config, name: str | None = None) -> None:
+    """A worker process: claims jobs and runs them until SIGTERM/SIGINT (after the current job)."""
+    from dicom_node.jobs.runner import run_job
+
+    owner = name or f"{socket.gethostname()}:{os.getpid()}"
+    sessions = make_sessionmaker(make_engine(config.database.url))
+    holder = {"config": config}
+    watcher = (ConfigWatcher(config, lambda new: holder.update(config=new))
+               if config.source else None)
+    stop = _stop_event()
+    if watcher:
+        watcher.install_sighup()
+    log.info("worker_started", worker=owner)
+    last_check = time.monotonic()
+    while not stop.is_set():
+        if watcher and time.monotonic() - last_check > 2.0:
+            watcher.check()
+            last_check = time.monotonic()
+        current = holder["config"]
+        try:
+            job = queue.claim(sessions, owner, current.jobs)
+        except Exception:
+            log.exception("claim_failed")
+            job = None
+        if job is None:
+            stop.wait(current.jobs.poll_seconds)
+            continue
+        run_job(current, sessions, job)
+    log.info("worker_stopped", worker=owner)
+
+
+def serve(config: Config, config_path: Path) -> int:
+    """Supervise one receiver and ``jobs.workers`` workers; returns when stopped."""
+    stop = _stop_event()
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    restarts: dict[str, int] = {}
+    names = ["receiver"] + [f"worker-{i + 1}" for i in range(config.jobs.workers)]
+
+    def start(name: str) -> None:
+        role = "receive" if name == "receiver" else "worker"
+        argv = [sys.executable, "-m", "dicom_node", role, "--config", str(config_path)]
+        if role == "worker":
+            argv += ["--name", f"{socket.gethostname()}:{name}"]
+        children[name] = subprocess.Popen(argv)
+        log.info("process_started", process=name, pid=children[name].pid)
+
+    def forward_hup(_signum: int, _frame: FrameType | None) -> None:
+        for child in children.values():
+            child.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, forward_hup)
+    for name in names:
+        start(name)
+    next_start: dict[str, float] = {}
+    while not stop.wait(0.5):
+        for name in names:
+            child = children[name]
+            if child.poll() is None:
+                continue
+            if name not in next_start:
+                restarts[name] = restarts.get(name, 0) + 1
+                delay = min(2.0 ** restarts[name], 60.0)
+                next_start[name] = time.monotonic() + delay
+                log.error("process_died", process=name, exit_code=child.returncode,
+                          restart_in_seconds=delay)
+            elif time.monotonic() >= next_start[name]:
+                del next_start[name]
+                start(name)
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+    for child in children.values():
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    log.info("stopped")
+    return 0

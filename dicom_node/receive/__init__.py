@@ -1,0 +1,1 @@
+"""The DICOM receiver: a pynetdicom AE answering C-ECHO and C-STORE."""

@@ -1,0 +1,97 @@
+"""The C-STORE handler: validate, spool durably, index, then — and only then — answer Success.
+
+pynetdicom writes each incoming data set straight to a temporary file in ``<data_dir>/incoming``
+(``STORE_RECV_CHUNKED_DATASET``), so memory stays bounded whatever the instance size. The handler
+reads the few header attributes it needs, checks every UID against the UID grammar, moves the file
+into the spool with fsync, commits the index row, and answers. Every failure is answered with a
+named status; no exception escapes to pynetdicom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Config
+from dicom_node.errors import InvalidUIDError
+from dicom_node.log import get_logger
+from dicom_node.receive.status import StoreStatus
+from dicom_node.store.index import record_instance
+from dicom_node.store.spool import commit_file, instance_path
+from dicom_node.uids import validate_uid
+
+_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"]
+
+log = get_logger()
+
+
+@dataclass
+class StoreContext:
+    """What the handler needs; ``config`` is swapped on reload (a new object, never mutated)."""
+
+    config: Config
+    sessions: sessionmaker[Session]
+
+
+def handle_store(event: Any, context: StoreContext) -> int:
+    """EVT_C_STORE handler (bound with ``[context]``)."""
+    temp_path = event.dataset_path
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    request = event.request
+    config = context.config
+    try:
+        sop_uid = validate_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
+        sop_class = validate_uid(request.AffectedSOPClassUID, "SOP Class UID")
+        header = dcmread(temp_path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        study_uid = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
+        series_uid = validate_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
+        dataset_sop_uid = str(header.get("SOPInstanceUID", sop_uid))
+        if dataset_sop_uid != sop_uid:
+            log.warning("instance_refused", reason="SOP Instance UID in the data set differs "
+                        "from the C-STORE request's Affected SOP Instance UID",
+                        calling_ae=calling_ae, sop_instance_uid=sop_uid)
+            return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        modality = str(header.get("Modality", "")).strip()[:16]
+        transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+    except InvalidUIDError as exc:
+        log.warning("instance_refused", reason=str(exc), calling_ae=calling_ae)
+        return StoreStatus.CANNOT_UNDERSTAND
+    except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError) as exc:
+        log.warning("instance_refused", reason=f"unreadable data set: {exc}",
+                    calling_ae=calling_ae)
+        return StoreStatus.CANNOT_UNDERSTAND
+
+    final_path = instance_path(config.spool_dir, study_uid, series_uid, sop_uid)
+    try:
+        size = temp_path.stat().st_size
+        commit_file(temp_path, final_path, replace=config.node.on_duplicate == "replace")
+        stored = record_instance(
+            context.sessions, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+            study_instance_uid=study_uid, series_instance_uid=series_uid,
+            transfer_syntax_uid=transfer_syntax, modality=modality, path=final_path,
+            relative_path=str(final_path.relative_to(config.node.data_dir)), size=size,
+            calling_ae_title=calling_ae)
+    except OSError as exc:
+        log.error("instance_not_stored", reason=f"spool write failed: {exc}",
+                  study_uid=study_uid, sop_instance_uid=sop_uid)
+        return StoreStatus.OUT_OF_RESOURCES
+    except SQLAlchemyError as exc:
+        log.error("instance_not_stored", reason=f"index commit failed: {type(exc).__name__}",
+                  study_uid=study_uid, sop_instance_uid=sop_uid)
+        return StoreStatus.OUT_OF_RESOURCES
+    except Exception as exc:  # never let an exception reach pynetdicom
+        log.exception("instance_not_stored", reason=f"unexpected: {exc!r}",
+                      study_uid=study_uid, sop_instance_uid=sop_uid)
+        return StoreStatus.PROCESSING_FAILURE
+    if stored.reopened_study:
+        log.warning("study_reopened", study_uid=study_uid, sop_instance_uid=sop_uid,
+                    reason="instance arrived after the study was processed")
+    log.debug("instance_stored", study_uid=study_uid, series_uid=series_uid,
+              sop_instance_uid=sop_uid, modality=modality, calling_ae=calling_ae,
+              transfer_syntax=transfer_syntax, bytes=size, duplicate=stored.duplicate)
+    return StoreStatus.SUCCESS

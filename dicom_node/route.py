@@ -1,0 +1,101 @@
+"""Routing: a pure function from a study summary and the configured routes to decisions.
+
+A route's ``match`` table maps a DICOM keyword (or ``CallingAETitle``) to accepted values. Keys are
+ANDed, values ORed; a value is an exact string or ``{ regex = "..." }`` (``re.search``). A route
+with an empty ``match`` accepts every study. ``dicom-node route --dry-run`` calls the same function.
+No user text is ever evaluated as code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+
+from dicom_node.config import CALLING_AE_KEY, RegexMatch, Route
+from dicom_node.messages import StudySummary
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Whether one route fires for a study, and why (one reason per match key)."""
+
+    route: Route
+    fires: bool
+    reasons: tuple[str, ...]
+
+
+def _element_values(element: DataElement) -> list[str]:
+    if element.VR == "SQ" or element.value is None:
+        return []
+    values = element.value if isinstance(element.value, MultiValue | list) else [element.value]
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def summarize(study_uid: str, datasets: Iterable[Dataset], calling_aes: Iterable[str],
+              instance_count: int | None = None) -> StudySummary:
+    """Collect keyword → values from representative instances (one per series is enough)."""
+    values: dict[str, set[str]] = {}
+    series: set[str] = set()
+    count = 0
+    for ds in datasets:
+        count += 1
+        series.add(str(ds.get("SeriesInstanceUID", "")))
+        for element in ds.iterall():
+            if not element.keyword or element.tag.is_private:
+                continue
+            found = _element_values(element)
+            if found:
+                values.setdefault(element.keyword, set()).update(found)
+    return StudySummary(
+        study_instance_uid=study_uid,
+        values={k: frozenset(v) for k, v in values.items()},
+        calling_ae_titles=frozenset(a.strip() for a in calling_aes),
+        instance_count=instance_count if instance_count is not None else count,
+        series_count=len(series),
+    )
+
+
+def summarize_files(paths: Sequence[Path], calling_aes: Iterable[str] = ()) -> StudySummary:
+    """Summarize a study from files (headers only). Used by the dry-run on a folder."""
+    datasets = [dcmread(p, stop_before_pixels=True) for p in paths]
+    study_uids = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
+    return summarize(",".join(sorted(study_uids)), datasets, calling_aes)
+
+
+def _accepts(accepted: RegexMatch | str, found: str) -> bool:
+    return accepted.matches(found) if isinstance(accepted, RegexMatch) else accepted == found
+
+
+def _show(accepted: RegexMatch | str) -> str:
+    return f"/{accepted.regex}/" if isinstance(accepted, RegexMatch) else repr(accepted)
+
+
+def evaluate_route(summary: StudySummary, route: Route) -> RouteDecision:
+    """Check one route's match keys against the study, keeping a reason for each key."""
+    reasons = []
+    fires = True
+    for key in route.match:
+        found = summary.calling_ae_titles if key == CALLING_AE_KEY else summary.values.get(key,
+                                                                                            frozenset())
+        accepted = route.accepted(key)
+        hits = sorted(f for f in found if any(_accepts(a, f) for a in accepted))
+        wanted = " or ".join(_show(a) for a in accepted)
+        if hits:
+            reasons.append(f"{key}: {', '.join(map(repr, hits))} matches {wanted}")
+        else:
+            fires = False
+            seen = ", ".join(map(repr, sorted(found))) if found else "absent"
+            reasons.append(f"{key}: {seen} does not match {wanted}")
+    if not route.match:
+        reasons.append("no match keys: accepts every study")
+    return RouteDecision(route=route, fires=fires, reasons=tuple(reasons))
+
+
+def route_study(summary: StudySummary, routes: Sequence[Route]) -> list[RouteDecision]:
+    """Evaluate every route, in config order."""
+    return [evaluate_route(summary, route) for route in routes]

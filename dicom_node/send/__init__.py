@@ -1,0 +1,1 @@
+"""Sending results to configured destinations (C-STORE SCU)."""

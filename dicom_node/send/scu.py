@@ -1,0 +1,144 @@
+"""C-STORE SCU: send files to a configured destination, checking the status of every instance."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.config import Destination
+from dicom_node.errors import SendError
+from dicom_node.log import get_logger
+from dicom_node.receive.scp import set_nodelay
+
+log = get_logger()
+
+#: pynetdicom (and PS3.8) allow at most 128 presentation contexts per association.
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class SendReport:
+    destination: str
+    sent: int
+    failed: tuple[tuple[str, str], ...]  # (SOP Instance UID, reason)
+    warnings: int
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files, and every file under folders, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SendError(f"{path}: no such file or folder")
+    return files
+
+
+def _make_ae(calling_ae: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    return ae
+
+
+def echo(dest: Destination, calling_ae: str) -> int:
+    """C-ECHO the destination; return its status (0: success); SendError if unreachable."""
+    ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} "
+                        "was rejected or could not be opened")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status:
+        raise SendError(f"{dest.name}: no C-ECHO response (timeout or abort)")
+    return int(status.Status)
+
+
+def send_files(dest: Destination, files: Sequence[Path], calling_ae: str) -> SendReport:
+    """C-STORE every file on one association per ≤128 presentation contexts.
+
+    Raises SendError when the destination cannot be reached; per-instance failures are returned
+    in the report so the caller decides (the job runner treats any failure as a failed attempt).
+    """
+    headers = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        headers.append((path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                        str(ds.file_meta.TransferSyntaxUID)))
+    sent, warnings = 0, 0
+    failed: list[tuple[str, str]] = []
+    batch: list[tuple[Path, str, str, str]] = []
+    contexts: set[tuple[str, str]] = set()
+    for header in headers:
+        wanted = {(header[1], ts) for ts in _transfer_syntaxes(header[3])}
+        if len(contexts | wanted) > MAX_CONTEXTS:
+            s, w, f = _send_batch(dest, batch, contexts, calling_ae)
+            sent, warnings, failed = sent + s, warnings + w, failed + f
+            batch, contexts = [], set()
+        batch.append(header)
+        contexts |= wanted
+    if batch:
+        s, w, f = _send_batch(dest, batch, contexts, calling_ae)
+        sent, warnings, failed = sent + s, warnings + w, failed + f
+    return SendReport(dest.name, sent, tuple(failed), warnings)
+
+
+def _transfer_syntaxes(file_ts: str) -> list[str]:
+    if UID(file_ts) in _UNCOMPRESSED:
+        return [str(ts) for ts in _UNCOMPRESSED]
+    return [file_ts]
+
+
+def _send_batch(dest: Destination, batch: Sequence[tuple[Path, str, str, str]],
+                contexts: set[tuple[str, str]], calling_ae: str
+                ) -> tuple[int, int, list[tuple[str, str]]]:
+    ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
+    for sop_class, ts in sorted(contexts):
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} "
+                        "was rejected or could not be opened")
+    sent, warnings = 0, 0
+    failed: list[tuple[str, str]] = []
+    try:
+        for path, _sop_class, sop_uid, _ts in batch:
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as exc:  # no accepted presentation context for this SOP class / TS
+                failed.append((sop_uid, f"not accepted by {dest.ae_title}: {exc}"))
+                continue
+            if not assoc.is_established and not status:
+                failed.append((sop_uid, "association aborted"))
+                break
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                failed.append((sop_uid, "no response (timeout or abort)"))
+            elif code == 0x0000:
+                sent += 1
+            elif code in (0x0001, 0x0107, 0x0116) or code >> 12 == 0xB:
+                sent += 1
+                warnings += 1
+                log.warning("send_warning", destination=dest.name, sop_instance_uid=sop_uid,
+                            status=f"0x{code:04X}")
+            else:
+                failed.append((sop_uid, f"status 0x{code:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return sent, warnings, failed

@@ -1,0 +1,152 @@
+"""The index: SQLAlchemy tables for studies, instances and jobs, and the engine factory.
+
+SQLite (a file under data_dir) is the embedded default; a PostgreSQL URL lets several receivers and
+workers on several machines share one index and one queue. SQLite runs in WAL mode with
+``synchronous=FULL``, so a committed row survives a power cut, and readers never block the receiver.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"      # instances arriving; waiting to be stable
+    ROUTED = "routed"            # complete; jobs created
+    UNROUTED = "unrouted"        # complete; no route matched (kept, logged)
+    DONE = "done"                # every job of this generation finished
+    FAILED = "failed"            # at least one job failed for good
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"          # waiting for a worker (or for its retry time)
+    RUNNING = "running"          # claimed by a worker holding a lease
+    DONE = "done"                # results sent to every destination
+    FAILED = "failed"            # retry budget spent; an administrator can retry it
+
+
+def _values(enum_type: type[enum.StrEnum]) -> list[str]:
+    """Store an enum's values (``receiving``), not its member names, in the database."""
+    return [member.value for member in enum_type]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[StudyState] = mapped_column(
+        Enum(StudyState, native_enum=False, length=16, values_callable=_values), index=True)
+    #: Incremented each time a late instance reopens a processed study.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    #: Path relative to data_dir.
+    path: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("study_instance_uid", "generation", "route_name", "model_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    route_name: Mapped[str] = mapped_column(String(128))
+    model_name: Mapped[str] = mapped_column(String(128))
+    #: Destination names, comma separated, as the route named them when the job was made.
+    destinations: Mapped[str] = mapped_column(Text)
+    #: Destinations that have acknowledged every result object (comma separated).
+    delivered: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=_values), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    #: Model version that produced the results (set when inference ran).
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (see _begin_immediate).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _begin_immediate(conn: Any) -> None:
+    # Take the write lock at BEGIN: a deferred transaction that reads and then writes can fail at
+    # once with SQLITE_BUSY when another process committed in between; IMMEDIATE waits its turn.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine (and the SQLite file's folder); create the tables if missing."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _begin_immediate)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
+    return sessionmaker(engine, expire_on_commit=False)
