@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.log import configure_logging
@@ -161,7 +164,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     with sessions() as session:
         rows = queue.list_jobs(session, args.state, args.limit)
-    _print_rows(rows, ["id", "study_instance_uid", "route", "model", "model_version", "state",
+    _print_rows(rows, ["id", "study_instance_uid", "generation", "route", "model",
+                       "model_version", "state",
                        "attempts", "delivered", "last_error"], args.json)
     return 0
 
@@ -254,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DicomNodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except InvalidDicomError as exc:
+        print(f"error: not a DICOM file: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"error: database: {type(exc).__name__}: {exc.args[0] if exc.args else ''}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -74,8 +74,11 @@ class NodeSection(_Section):
     on_duplicate: Literal["replace", "keep"] = "replace"
 
 
+DEFAULT_DATABASE_URL = "sqlite:///var/dicom-node.db"
+
+
 class DatabaseSection(_Section):
-    url: str = "sqlite:///var/dicom-node.db"
+    url: str = DEFAULT_DATABASE_URL
 
 
 class CompletionSection(_Section):
@@ -95,6 +98,13 @@ class JobsSection(_Section):
     poll_seconds: Seconds = 1.0
     #: Worker processes that `dicom-node serve` starts.
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> JobsSection:
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError(f"retry_max_seconds ({self.retry_max_seconds}) is below "
+                             f"retry_base_seconds ({self.retry_base_seconds})")
+        return self
 
 
 class LoggingSection(_Section):
@@ -139,7 +149,7 @@ MatchValue = str | RegexMatch | list[str | RegexMatch]
 
 
 class Route(_Section):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=128)
     #: DICOM keyword (or CallingAETitle) → accepted values. Keys AND, values OR.
     match: dict[str, MatchValue] = Field(default_factory=dict)
     models: tuple[str, ...] = Field(min_length=1)
@@ -234,7 +244,7 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
             message = "unknown key (not part of the config schema; check the spelling)"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
-        lines.append(f"{origin}: {loc or '(top level)'}: {message}")
+        lines.append(f"{origin}: {loc}: {message}" if loc else f"{origin}: {message}")
     return "\n".join(lines)
 
 
@@ -249,7 +259,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(model, dict) and "path" in model:
             model["path"] = str(base / str(model["path"]))
     database = raw.get("database")
-    url = database.get("url") if isinstance(database, dict) else "sqlite:///var/dicom-node.db"
+    url = (database.get("url", DEFAULT_DATABASE_URL) if isinstance(database, dict)
+           else DEFAULT_DATABASE_URL)
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         relative = url.removeprefix("sqlite:///")
         if relative and relative != ":memory:":
@@ -275,7 +286,9 @@ def parse_config(
 
 def load_config(path: str | Path) -> Config:
     """Read, validate and return the config at ``path``."""
-    path = Path(path).resolve()
+    # absolute(), not resolve(): a config reached through a symlink (a Kubernetes ConfigMap, an
+    # atomically switched link) must be re-read through the link on reload.
+    path = Path(path).absolute()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

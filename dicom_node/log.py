@@ -80,5 +80,7 @@ def _add_process(name: str) -> Any:
 
 def get_logger(**context: Any) -> structlog.stdlib.BoundLogger:
     """A logger bound with the given context (study_uid=…, job_id=…)."""
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger("dicom_node").bind(**context)
+    # A lazy proxy: modules create their loggers at import time, before configure_logging runs;
+    # the proxy picks up the configuration in force when it first logs.
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger("dicom_node", **context)
     return logger

@@ -17,6 +17,7 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 
 from dicom_node.config import CALLING_AE_KEY, RegexMatch, Route
+from dicom_node.log import IDENTIFYING_KEYS
 from dicom_node.messages import StudySummary
 
 
@@ -84,12 +85,16 @@ def evaluate_route(summary: StudySummary, route: Route) -> RouteDecision:
                                                                                             frozenset())
         accepted = route.accepted(key)
         hits = sorted(f for f in found if any(_accepts(a, f) for a in accepted))
-        wanted = " or ".join(_show(a) for a in accepted)
+        # Reasons end up in logs: never spell out a value that identifies a patient.
+        hidden = key in IDENTIFYING_KEYS
+        wanted = "the configured value(s)" if hidden else " or ".join(map(_show, accepted))
         if hits:
-            reasons.append(f"{key}: {', '.join(map(repr, hits))} matches {wanted}")
+            shown = "the value" if hidden else ", ".join(map(repr, hits))
+            reasons.append(f"{key}: {shown} matches {wanted}")
         else:
             fires = False
-            seen = ", ".join(map(repr, sorted(found))) if found else "absent"
+            seen = ("the value" if hidden else ", ".join(map(repr, sorted(found)))) if found \
+                else "absent"
             reasons.append(f"{key}: {seen} does not match {wanted}")
     if not route.match:
         reasons.append("no match keys: accepts every study")

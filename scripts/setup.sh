@@ -24,7 +24,7 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 if [ "$want" = test ]; then
-    .venv/bin/pip install -q -e '.[test,train]'
+    .venv/bin/pip install -q -e '.[cpu,test,train]'
 else
-    .venv/bin/pip install -q -e .
+    .venv/bin/pip install -q -e ".[${DICOM_NODE_BACKEND:-cpu}]"   # cpu, gpu or jax
 fi

@@ -71,7 +71,7 @@ def test_storescu_instances_are_spooled_and_indexed(receiver: Receiver) -> None:
         assert dcmread(spooled).PixelData == source.PixelData
         assert row.study_instance_uid == source.StudyInstanceUID
         assert row.calling_ae_title == "STORESCU"
-    assert not list(receiver.context.config.incoming_dir.iterdir())
+    assert not [p for p in receiver.context.config.incoming_dir.rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("name, transfer_syntax", [

@@ -1,15 +1,18 @@
 """Run one claimed job: infer → encode → write results → send to each destination.
 
-Results are written to ``<data_dir>/results/<study>/<generation>/<route>/<model>/`` before anything
-is sent, so a retry after a send failure resends the same files without running the model again,
-and a retry after a crash rebuilds the same objects with the same UIDs (see dicom_node.uids).
+Results are written to ``<data_dir>/results/<study>/<generation>/<hash of route, model, version>/``
+before anything is sent, so a retry after a send failure resends the same files without running the
+model again, and a retry after a crash rebuilds the same objects with the same UIDs (see
+dicom_node.uids).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,8 +49,8 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     return [dcmread(p) for p in paths]
 
 
-def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> tuple[
-        list[Path], str]:
+def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
+                  bound: Any = log) -> tuple[list[Path], str]:
     """Run the model and encode its results (or reuse results already written); return the
     result files and the model version."""
     # Imported here: the receiver process imports the jobs package but never runs a model.
@@ -60,14 +63,14 @@ def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     folder = results_folder(config, job, card.version)
     existing = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
     if existing:
-        log.info("results_reused", files=len(existing))
+        bound.info("results_reused", files=len(existing))
         return existing, card.version
     sources = _load_sources(config, sessions, job, tuple(card.modalities))
     result = classify(card, model_ref.path, sources)
     kind = "sr" if job.generation == 0 else f"sr.g{job.generation}"
     uids = result_uids(job.study_instance_uid, job.route_name, card.name, card.version, kind)
     sr = build_classification_sr(sources, result, uids, job.route_name)
-    log.info("inference_done", findings={f.concept.meaning: round(f.probability, 4)
+    bound.info("inference_done", findings={f.concept.meaning: round(f.probability, 4)
                                          for f in result.findings},
              images=len(result.source_sop_instance_uids), sr_sop_instance_uid=uids.sop_instance_uid)
     path = folder / f"{uids.sop_instance_uid}.dcm"
@@ -77,14 +80,47 @@ def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     return [path], card.version
 
 
+class LeaseKeeper:
+    """Renews a job's lease every third of its length while the job runs (a long inference must
+    not lose the job to another worker); stops when the job ends or the lease is lost."""
+
+    def __init__(self, config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(
+            target=self._run, args=(config, sessions, job), daemon=True, name=f"lease-{job.id}")
+
+    def _run(self, config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
+        while not self._stop.wait(config.jobs.lease_seconds / 3):
+            try:
+                if not queue.renew(sessions, job, config.jobs):
+                    self.lost = True
+                    return
+            except Exception:  # a busy database: try again at the next tick
+                log.warning("lease_renewal_failed", job_id=job.id)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
     """Run a claimed job to its end state; never raises for a job's own failure."""
+    with LeaseKeeper(config, sessions, job):
+        _run_job(config, sessions, job)
+
+
+def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
     bound = log.bind(job_id=job.id, study_uid=job.study_instance_uid, route=job.route_name,
                      model=job.model_name, attempt=job.attempts)
     bound.info("job_started", destinations=list(job.destinations))
     version = ""
     try:
-        files, version = build_results(config, sessions, job)
+        files, version = build_results(config, sessions, job, bound)
         if not queue.renew(sessions, job, config.jobs):
             bound.warning("job_lease_lost", reason="another worker took the job over")
             return

@@ -93,14 +93,17 @@ class Receiver:
 
     def start(self) -> None:
         config = self.context.config
-        config.incoming_dir.mkdir(parents=True, exist_ok=True)
+        # Each receiver (host, port) has its own scratch folder, so that clearing leftovers at
+        # start never touches another receiver's data sets in flight on a shared data folder.
+        scratch = config.incoming_dir / f"{socket.gethostname()}-{config.node.port}"
+        scratch.mkdir(parents=True, exist_ok=True)
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         # Data sets go straight to a file in incoming/ (same file system as the spool, so the
         # move into the spool is a rename). Both settings are process-wide: this process is the
         # receiver and nothing else.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(config.incoming_dir)
-        for leftover in config.incoming_dir.glob("*.dcm"):
+        tempfile.tempdir = str(scratch)
+        for leftover in scratch.glob("*.dcm"):
             leftover.unlink(missing_ok=True)  # never acknowledged: the sender will re-send
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_nodelay),

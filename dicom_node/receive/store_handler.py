@@ -25,7 +25,18 @@ from dicom_node.store.index import record_instance
 from dicom_node.store.spool import commit_file, instance_path
 from dicom_node.uids import validate_uid
 
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"]
+_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+                "SoftwareVersions"]
+
+#: Software Versions (0018,1020) value that marks an object this node produced (see encode/).
+OWN_SOFTWARE_PREFIX = "dicom-node"
+
+
+def is_own_result(software_versions: object) -> bool:
+    """True for an object the node itself made, e.g. our SR coming back from a PACS forward."""
+    values = software_versions if isinstance(software_versions, list | tuple) else [
+        software_versions]
+    return any(str(v).startswith(OWN_SOFTWARE_PREFIX) for v in values if v)
 
 log = get_logger()
 
@@ -55,9 +66,10 @@ def handle_store(event: Any, context: StoreContext) -> int:
             log.warning("instance_refused", reason="SOP Instance UID in the data set differs "
                         "from the C-STORE request's Affected SOP Instance UID",
                         calling_ae=calling_ae, sop_instance_uid=sop_uid)
-            return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+            return StoreStatus.CANNOT_UNDERSTAND
         modality = str(header.get("Modality", "")).strip()[:16]
         transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+        own_result = is_own_result(header.get("SoftwareVersions"))
     except InvalidUIDError as exc:
         log.warning("instance_refused", reason=str(exc), calling_ae=calling_ae)
         return StoreStatus.CANNOT_UNDERSTAND
@@ -65,17 +77,21 @@ def handle_store(event: Any, context: StoreContext) -> int:
         log.warning("instance_refused", reason=f"unreadable data set: {exc}",
                     calling_ae=calling_ae)
         return StoreStatus.CANNOT_UNDERSTAND
+    except Exception as exc:  # never let an exception reach pynetdicom
+        log.exception("instance_refused", reason=f"unexpected: {exc!r}", calling_ae=calling_ae)
+        return StoreStatus.CANNOT_UNDERSTAND
 
     final_path = instance_path(config.spool_dir, study_uid, series_uid, sop_uid)
     try:
         size = temp_path.stat().st_size
-        commit_file(temp_path, final_path, replace=config.node.on_duplicate == "replace")
+        replaced = commit_file(temp_path, final_path,
+                               replace=config.node.on_duplicate == "replace")
         stored = record_instance(
             context.sessions, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
             study_instance_uid=study_uid, series_instance_uid=series_uid,
             transfer_syntax_uid=transfer_syntax, modality=modality, path=final_path,
             relative_path=str(final_path.relative_to(config.node.data_dir)), size=size,
-            calling_ae_title=calling_ae)
+            calling_ae_title=calling_ae, update_existing=replaced, own_result=own_result)
     except OSError as exc:
         log.error("instance_not_stored", reason=f"spool write failed: {exc}",
                   study_uid=study_uid, sop_instance_uid=sop_uid)

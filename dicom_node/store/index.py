@@ -32,11 +32,17 @@ def record_instance(
     size: int,
     calling_ae_title: str,
     received_at: datetime | None = None,
+    update_existing: bool = True,
+    own_result: bool = False,
 ) -> StoredInstance:
     """Index one stored instance and update its study, in one transaction.
 
     A study in a processed state is reopened: back to RECEIVING with its generation incremented,
-    so it is completed and routed again once stable (documented in docs/receiving.md).
+    so it is completed and routed again once stable (documented in docs/receiving.md). Two
+    exceptions: ``own_result`` (an object this node made, forwarded back to it by a PACS) is
+    indexed but never restarts the study's clock or reopens it — no result loops; and with
+    ``update_existing`` False (``on_duplicate = "keep"`` threw the new copy away) the index keeps
+    describing the kept file.
     """
     now = received_at or utcnow()
     with sessions.begin() as session:
@@ -47,13 +53,17 @@ def record_instance(
                           generation=0, first_received_at=now, last_received_at=now,
                           instance_count=0)
             session.add(study)
+            session.flush()
+        elif own_result:
+            pass
         elif study.state in PROCESSED_STATES:
             study.state = StudyState.RECEIVING
             study.generation += 1
             study.completed_at = None
             study.note = f"reopened by a late instance at {now.isoformat()}Z"
             reopened = True
-        study.last_received_at = now
+        if not own_result:
+            study.last_received_at = now
         existing = session.get(Instance, sop_instance_uid)
         if existing is None:
             session.add(Instance(
@@ -62,7 +72,7 @@ def record_instance(
                 transfer_syntax_uid=transfer_syntax_uid, modality=modality, path=relative_path,
                 size=size, calling_ae_title=calling_ae_title, received_at=now))
             study.instance_count += 1
-        else:
+        elif update_existing:
             existing.transfer_syntax_uid = transfer_syntax_uid
             existing.size = size
             existing.calling_ae_title = calling_ae_title
