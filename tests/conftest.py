@@ -66,3 +66,6 @@ def receiver(node_config: Config) -> Iterator[Receiver]:
         yield rx
     finally:
         rx.stop()
+
+
+pytest_plugins = ["tests.peers"]

@@ -1,0 +1,214 @@
+"""Run Keras models: load once per process, batch, predict; describe the devices.
+
+Keras (and with it TensorFlow, or JAX when ``KERAS_BACKEND=jax``) is imported on the first call
+that needs it, never when this module is imported, so that the receiver process stays light.
+On TensorFlow every visible GPU gets memory growth, so one worker does not take the whole card;
+without a GPU the models run on the CPU. Nothing here picks a device by hand: Keras places the
+work on a GPU when its backend sees one.
+
+Loaded models are cached per process, keyed by (weights path, card version): a new version of a
+card loads new weights, and the same card asked for twice loads them once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import ModelError, PreprocessingError
+from dicom_node.infer.card import ClassifierCard, ModelCard
+from dicom_node.infer.preprocess import preprocess
+from dicom_node.messages import ClassificationResult, Finding
+
+log = structlog.get_logger(__name__)
+
+#: Images per forward pass.
+BATCH_SIZE = 16
+
+_models: dict[tuple[Path, str], Any] = {}
+_lock = threading.Lock()
+_devices_configured = False
+
+
+def _keras() -> Any:
+    """Import Keras on first use and configure the backend's devices once."""
+    global _devices_configured
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ info lines on stderr
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX: grow, don't grab
+    import keras
+
+    with _lock:
+        if not _devices_configured:
+            _configure_devices(keras.backend.backend())
+            _devices_configured = True
+    return keras
+
+
+def _configure_devices(backend: str) -> None:
+    if backend != "tensorflow":
+        return
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as exc:  # the GPU was initialised before we got here
+            log.warning("gpu_memory_growth_not_set", device=gpu.name, reason=str(exc))
+
+
+def describe_devices() -> list[str]:
+    """One line per device the Keras backend can run on, e.g. ``"tensorflow 2.21.0 CPU:0"``."""
+    keras = _keras()
+    backend = str(keras.backend.backend())
+    lines: list[str] = []
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        for device in tf.config.list_physical_devices():
+            index = device.name.rsplit(":", 1)[-1]
+            line = f"tensorflow {tf.__version__} {device.device_type}:{index}"
+            if device.device_type == "GPU":
+                details = tf.config.experimental.get_device_details(device)
+                if details.get("device_name"):
+                    line += f" {details['device_name']}"
+                if details.get("compute_capability"):
+                    major, minor = details["compute_capability"]
+                    line += f" (compute capability {major}.{minor})"
+            lines.append(line)
+    elif backend == "jax":
+        jax = importlib.import_module("jax")
+        for dev in jax.devices():
+            lines.append(f"jax {jax.__version__} {dev.platform.upper()}:{dev.id} {dev.device_kind}")
+    else:
+        lines.append(f"{backend} (keras {keras.__version__}): devices not enumerated")
+    return lines
+
+
+def load_model(card: ModelCard, model_dir: Path) -> Any:
+    """The Keras model of ``card`` from ``model_dir``, loaded once per process and checked.
+
+    Raises ModelError when the weights cannot be loaded or do not match the card's input and
+    outputs.
+    """
+    path = (Path(model_dir) / card.weights).resolve()
+    key = (path, card.version)
+    with _lock:
+        cached = _models.get(key)
+    if cached is not None:
+        return cached
+    keras = _keras()
+    started = time.perf_counter()
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises ValueError, OSError, TypeError … for bad files
+        raise ModelError(f"{path}: cannot load model {card.name} {card.version}: {exc}") from exc
+    _check_signature(model, card, path)
+    with _lock:
+        model = _models.setdefault(key, model)
+    log.info(
+        "model_loaded",
+        model=card.name,
+        version=card.version,
+        backend=keras.backend.backend(),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return model
+
+
+def _check_signature(model: Any, card: ModelCard, path: Path) -> None:
+    rows, cols = card.input.shape
+    expected_in = (None, rows, cols, card.input.channels)
+    got_in = tuple(model.input_shape)
+    if got_in != expected_in:
+        raise ModelError(
+            f"{path}: model input shape {got_in} does not match the card's [input] {expected_in}"
+        )
+    if isinstance(card, ClassifierCard):
+        expected_out = (None, len(card.outputs))
+        got_out = tuple(model.output_shape)
+        if got_out != expected_out:
+            raise ModelError(
+                f"{path}: model output shape {got_out} does not match the card's "
+                f"{len(card.outputs)} outputs"
+            )
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model (the next call loads the weights again)."""
+    with _lock:
+        _models.clear()
+
+
+def predict(model: Any, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Run ``model`` over ``batch`` in chunks of BATCH_SIZE; return its outputs as numpy."""
+    chunks = [
+        np.asarray(model.predict_on_batch(batch[i : i + BATCH_SIZE]), dtype=np.float32)
+        for i in range(0, len(batch), BATCH_SIZE)
+    ]
+    return np.concatenate(chunks)
+
+
+def classify(
+    card: ModelCard, model_dir: Path, datasets: Sequence[Dataset]
+) -> ClassificationResult:
+    """Classify the images of one study: per finding, the highest probability over its images.
+
+    Instances whose Modality is not one of the card's modalities, or that cannot be
+    preprocessed (no pixel data, unsupported photometric interpretation, undecodable), are
+    skipped and logged; ``source_sop_instance_uids`` lists the instances that were used.
+    Raises PreprocessingError when no instance can be used, ModelError when the card is not a
+    classifier's or the model fails.
+    """
+    if not isinstance(card, ClassifierCard):
+        raise ModelError(f"model {card.name} is a {card.kind}, not a classifier")
+    inputs: list[NDArray[np.float32]] = []
+    used: list[str] = []
+    problems: list[str] = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        modality = str(ds.get("Modality", ""))
+        if modality not in card.modalities:
+            problems.append(f"instance {uid}: modality {modality or '(none)'!r} not in "
+                            f"{', '.join(card.modalities)}")
+            log.info("image_skipped", model=card.name, sop_instance_uid=uid, reason="modality",
+                     modality=modality)
+            continue
+        try:
+            x = preprocess(ds, card)
+        except PreprocessingError as exc:
+            problems.append(str(exc))
+            log.warning("image_skipped", model=card.name, sop_instance_uid=uid,
+                        reason=str(exc))
+            continue
+        inputs.append(x)
+        used.append(uid)
+    if not inputs:
+        detail = "; ".join(problems) if problems else "no instances given"
+        raise PreprocessingError(f"model {card.name}: no usable image: {detail}")
+    model = load_model(card, model_dir)
+    try:
+        probabilities = predict(model, np.concatenate(inputs))
+    except Exception as exc:  # a backend error must not escape as a bare framework exception
+        raise ModelError(f"model {card.name} {card.version} failed to run: {exc}") from exc
+    if not np.all(np.isfinite(probabilities)):
+        raise ModelError(f"model {card.name} {card.version} returned non-finite probabilities")
+    study = np.clip(probabilities.max(axis=0), 0.0, 1.0)
+    findings = tuple(
+        Finding(concept=output.code.concept(), probability=float(p), threshold=output.threshold)
+        for output, p in zip(card.outputs, study, strict=True)
+    )
+    return ClassificationResult(
+        model=card.identity(),
+        findings=findings,
+        source_sop_instance_uids=tuple(dict.fromkeys(used)),
+    )
