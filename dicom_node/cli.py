@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     problems = validate_models(config)
     if problems:
         raise ConfigError("\n".join(problems))
-    return serve(config, Path(args.config).resolve())
+    return serve(config, Path(args.config).absolute())
 
 
 def cmd_receive(args: argparse.Namespace) -> int:

@@ -184,3 +184,57 @@ def test_instance_without_study_uid_gets_cannot_understand(receiver: Receiver) -
     # no Study/Series Instance UID: nothing to file it under
     assert _send(receiver, ds) == StoreStatus.CANNOT_UNDERSTAND
     assert _instances(receiver) == []
+
+
+def _processed(receiver: Receiver, study_uid: str) -> None:
+    with receiver.context.sessions.begin() as session:
+        study = session.get(Study, study_uid)
+        assert study is not None
+        study.state = StudyState.DONE
+
+
+def test_resent_instance_does_not_reopen_a_processed_study(receiver: Receiver) -> None:
+    ds = dcmread(sample_file("CT_small.dcm"))
+    assert _send(receiver, ds) == StoreStatus.SUCCESS
+    _processed(receiver, ds.StudyInstanceUID)
+    assert _send(receiver, ds) == StoreStatus.SUCCESS  # a PACS re-forwarding the whole study
+    with receiver.context.sessions() as session:
+        study = session.get(Study, ds.StudyInstanceUID)
+        assert study is not None
+        assert (study.state, study.generation) == (StudyState.DONE, 0)
+
+
+def test_the_nodes_own_result_coming_back_does_not_reopen_the_study(receiver: Receiver) -> None:
+    from dicom_node.encode.sr import build_classification_sr
+    from dicom_node.messages import ClassificationResult, CodedConcept, Finding, ModelIdentity
+    from dicom_node.uids import result_uids
+
+    source = dcmread(sample_file("CT_small.dcm"))
+    assert _send(receiver, source) == StoreStatus.SUCCESS
+    _processed(receiver, source.StudyInstanceUID)
+    model = ModelIdentity("m", "1.0", "dicom-node project", synthetic_training_data=True)
+    result = ClassificationResult(model, (Finding(CodedConcept("8186001", "SCT", "Cardiomegaly"),
+                                                  0.9, 0.5),), (source.SOPInstanceUID,))
+    sr = build_classification_sr([source], result,
+                                 result_uids(source.StudyInstanceUID, "r", "m", "1.0", "sr"), "r")
+    with capture_logs() as logs:
+        assert _send(receiver, sr) == StoreStatus.SUCCESS
+    with receiver.context.sessions() as session:
+        study = session.get(Study, source.StudyInstanceUID)
+        assert study is not None
+        assert (study.state, study.generation, study.instance_count) == (StudyState.DONE, 0, 2)
+    assert any(e["event"] == "own_result_received" for e in logs)
+
+
+def test_keep_policy_keeps_the_first_copy_and_its_index_row(receiver: Receiver) -> None:
+    config = receiver.context.config
+    receiver.reconfigure(config.model_copy(update={"node": config.node.model_copy(
+        update={"on_duplicate": "keep"})}))
+    ds = dcmread(sample_file("CT_small.dcm"))
+    assert _send(receiver, ds) == StoreStatus.SUCCESS
+    ds.SeriesDescription = "second copy"
+    assert _send(receiver, ds, calling_ae="OTHER") == StoreStatus.SUCCESS
+    (row,) = _instances(receiver)
+    assert row.calling_ae_title == "TESTSCU"
+    stored = dcmread(receiver.context.config.node.data_dir / row.path)
+    assert stored.get("SeriesDescription") != "second copy"

@@ -4,8 +4,9 @@
 -- Orthanc calls OnStableStudy when a study has received no new instance for "StableAge"
 -- seconds (orthanc.json). dicom-node answers with a DICOM SR stored in the SAME study, so the
 -- study becomes stable a second time when the result arrives. An unguarded script would then
--- send the study, result included, back to dicom-node, which would store it as a late instance,
--- reopen the study, run the model again and send a new result: a loop. The guard:
+-- send the whole study, result included, back to dicom-node. dicom-node recognises its own result
+-- and ignores it for completion, but the images would arrive again as duplicates, and a duplicate
+-- reopens a processed study: the model runs again and sends a new result: a loop. The guard:
 --
 --   * an instance whose RemoteAET is dicom-node's AE title is a result: it is never forwarded;
 --   * an instance that was forwarded successfully is marked with the metadata "ForwardedToNode"

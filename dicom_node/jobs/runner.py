@@ -86,7 +86,6 @@ class LeaseKeeper:
 
     def __init__(self, config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
         self._stop = threading.Event()
-        self.lost = False
         self._thread = threading.Thread(
             target=self._run, args=(config, sessions, job), daemon=True, name=f"lease-{job.id}")
 
@@ -94,8 +93,7 @@ class LeaseKeeper:
         while not self._stop.wait(config.jobs.lease_seconds / 3):
             try:
                 if not queue.renew(sessions, job, config.jobs):
-                    self.lost = True
-                    return
+                    return  # lost: the runner's own renew() before sending notices it
             except Exception:  # a busy database: try again at the next tick
                 log.warning("lease_renewal_failed", job_id=job.id)
 

@@ -9,6 +9,7 @@ named status; no exception escapes to pynetdicom.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,12 @@ OWN_SOFTWARE_PREFIX = "dicom-node"
 
 def is_own_result(software_versions: object) -> bool:
     """True for an object the node itself made, e.g. our SR coming back from a PACS forward."""
-    values = software_versions if isinstance(software_versions, list | tuple) else [
-        software_versions]
+    if software_versions is None:
+        return False
+    # pydicom gives a str for one value and a MultiValue (a Sequence, not a list) for several.
+    values = ([software_versions] if isinstance(software_versions, str | bytes)
+              else list(software_versions) if isinstance(software_versions, Iterable)
+              else [software_versions])
     return any(str(v).startswith(OWN_SOFTWARE_PREFIX) for v in values if v)
 
 log = get_logger()
@@ -104,6 +109,9 @@ def handle_store(event: Any, context: StoreContext) -> int:
         log.exception("instance_not_stored", reason=f"unexpected: {exc!r}",
                       study_uid=study_uid, sop_instance_uid=sop_uid)
         return StoreStatus.PROCESSING_FAILURE
+    if own_result:
+        log.info("own_result_received", study_uid=study_uid, sop_instance_uid=sop_uid,
+                 reason="an object this node made came back; stored, the study is not reopened")
     if stored.reopened_study:
         log.warning("study_reopened", study_uid=study_uid, sop_instance_uid=sop_uid,
                     reason="instance arrived after the study was processed")

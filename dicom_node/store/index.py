@@ -37,10 +37,13 @@ def record_instance(
 ) -> StoredInstance:
     """Index one stored instance and update its study, in one transaction.
 
-    A study in a processed state is reopened: back to RECEIVING with its generation incremented,
-    so it is completed and routed again once stable (documented in docs/receiving.md). Two
-    exceptions: ``own_result`` (an object this node made, forwarded back to it by a PACS) is
-    indexed but never restarts the study's clock or reopens it — no result loops; and with
+    A new instance for a study in a processed state reopens it: back to RECEIVING with its
+    generation incremented, so it is completed and routed again once stable (documented in
+    docs/receiving.md). A re-sent instance (a SOP Instance UID already indexed) replaces or keeps
+    the file per ``on_duplicate`` but does not reopen a processed study — a PACS re-forwarding a
+    whole study must not make the node process it again. ``own_result`` (an object this node
+    made, forwarded back to it by a PACS) is indexed but never restarts the study's clock or
+    reopens it — no result loops. With
     ``update_existing`` False (``on_duplicate = "keep"`` threw the new copy away) the index keeps
     describing the kept file.
     """
@@ -54,9 +57,8 @@ def record_instance(
                           instance_count=0)
             session.add(study)
             session.flush()
-        elif own_result:
-            pass
-        elif study.state in PROCESSED_STATES:
+        existing = session.get(Instance, sop_instance_uid)
+        if existing is None and not own_result and study.state in PROCESSED_STATES:
             study.state = StudyState.RECEIVING
             study.generation += 1
             study.completed_at = None
@@ -64,7 +66,6 @@ def record_instance(
             reopened = True
         if not own_result:
             study.last_received_at = now
-        existing = session.get(Instance, sop_instance_uid)
         if existing is None:
             session.add(Instance(
                 sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid,
