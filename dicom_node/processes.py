@@ -44,8 +44,9 @@ def run_receiver(config: Config) -> None:
     from dicom_node.receive.scp import Receiver
     from dicom_node.scheduler import ReceiverScheduler
 
-    sessions = make_sessionmaker(make_engine(config.database.url))
-    receiver = Receiver(config, sessions)
+    engine = make_engine(config.database.url)
+    sessions = make_sessionmaker(engine)
+    receiver = Receiver(config, engine)
     scheduler: ReceiverScheduler | None = None
 
     def apply(new: Config) -> None:

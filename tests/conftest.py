@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.config import Config, load_config
 from dicom_node.receive.scp import Receiver
-from dicom_node.store.db import make_engine, make_sessionmaker
+from dicom_node.store.db import make_engine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,8 +59,7 @@ def node_config(tmp_path: Path) -> Config:
 @pytest.fixture
 def receiver(node_config: Config) -> Iterator[Receiver]:
     """The real SCP, in this process, on a free loopback port."""
-    sessions = make_sessionmaker(make_engine(node_config.database.url))
-    rx = Receiver(node_config, sessions)
+    rx = Receiver(node_config, make_engine(node_config.database.url))
     rx.start()
     try:
         yield rx

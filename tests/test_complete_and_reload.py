@@ -51,11 +51,11 @@ def _config(tmp_path: Path, text: str) -> Config:
 
 
 def _store(config: Config, name: str, when_ago: float) -> str:
-    sessions = make_sessionmaker(make_engine(config.database.url))
     path = sample_file(name)
     ds = dcmread(path, stop_before_pixels=True)
     record_instance(
-        sessions, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+        make_engine(config.database.url), sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
         study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
         transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, modality=ds.Modality, path=path,
         relative_path=str(path), size=1, calling_ae_title="SCU",

@@ -27,12 +27,13 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Engine
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
 from dicom_node.receive.status import EchoStatus
 from dicom_node.receive.store_handler import StoreContext, handle_store
+from dicom_node.store.db import make_sessionmaker
 
 #: Transfer syntaxes the receiver accepts: uncompressed, deflated and the common compressed ones.
 ACCEPTED_TRANSFER_SYNTAXES = [
@@ -65,8 +66,9 @@ def set_nodelay(event: Any) -> None:
 class Receiver:
     """The running SCP. ``reconfigure`` applies what can change without a restart."""
 
-    def __init__(self, config: Config, sessions: sessionmaker[Session]) -> None:
-        self.context = StoreContext(config=config, sessions=sessions)
+    def __init__(self, config: Config, engine: Engine) -> None:
+        self.context = StoreContext(config=config, engine=engine,
+                                    sessions=make_sessionmaker(engine))
         self._counts: Counter[int] = Counter()
         self._lock = threading.Lock()
         self.ae = self._make_ae(config)
@@ -102,6 +104,9 @@ class Receiver:
         # move into the spool is a rename). Both settings are process-wide: this process is the
         # receiver and nothing else.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's "standard" handlers format a debug line for every PDU and DIMSE message,
+        # bound whatever the log level; the node logs its own structured events instead.
+        _config.LOG_HANDLER_LEVEL = "none"
         tempfile.tempdir = str(scratch)
         for leftover in scratch.glob("*.dcm"):
             leftover.unlink(missing_ok=True)  # never acknowledged: the sender will re-send

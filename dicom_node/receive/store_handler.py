@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,8 +30,22 @@ from dicom_node.store.index import record_instance
 from dicom_node.store.spool import commit_file, instance_path
 from dicom_node.uids import validate_uid
 
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
-                "SoftwareVersions"]
+_HEADER_TAGS: list[BaseTag | int] = [Tag(k) for k in (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "SoftwareVersions")]
+
+_LAST_HEADER_TAG = Tag("SeriesInstanceUID")
+
+
+def _past_header(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag > _LAST_HEADER_TAG)
+
+
+def read_header(path: Path) -> Dataset:
+    """The few attributes the receiver needs, reading no further than (0020,000E): a full
+    header parse would walk every element up to the pixel data, on the critical path."""
+    with open(path, "rb") as handle:
+        return read_partial(handle, stop_when=_past_header, specific_tags=_HEADER_TAGS)
+
 
 #: Software Versions (0018,1020) value that marks an object this node produced (see encode/).
 OWN_SOFTWARE_PREFIX = "dicom-node"
@@ -51,6 +69,7 @@ class StoreContext:
     """What the handler needs; ``config`` is swapped on reload (a new object, never mutated)."""
 
     config: Config
+    engine: Engine
     sessions: sessionmaker[Session]
 
 
@@ -63,7 +82,7 @@ def handle_store(event: Any, context: StoreContext) -> int:
     try:
         sop_uid = validate_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
         sop_class = validate_uid(request.AffectedSOPClassUID, "SOP Class UID")
-        header = dcmread(temp_path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        header = read_header(temp_path)
         study_uid = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
         series_uid = validate_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
         dataset_sop_uid = str(header.get("SOPInstanceUID", sop_uid))
@@ -92,7 +111,7 @@ def handle_store(event: Any, context: StoreContext) -> int:
         replaced = commit_file(temp_path, final_path,
                                replace=config.node.on_duplicate == "replace")
         stored = record_instance(
-            context.sessions, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+            context.engine, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
             study_instance_uid=study_uid, series_instance_uid=series_uid,
             transfer_syntax_uid=transfer_syntax, modality=modality, path=final_path,
             relative_path=str(final_path.relative_to(config.node.data_dir)), size=size,
