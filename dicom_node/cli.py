@@ -9,6 +9,7 @@ send          C-STORE files or folders to a configured destination
 studies       list studies and their state
 jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
 route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
+reprocess     route processed studies again with the current config (a new generation)
 """
 
 from __future__ import annotations
@@ -170,6 +171,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from dicom_node.store.index import reprocess
+
+    config = _load(args)
+    done = reprocess(_sessions(config), args.studies)
+    for uid in args.studies:
+        outcome = ("reopened; routed again at the next completion sweep" if uid in done
+                   else "not processed yet, or unknown: left alone")
+        print(f"{uid}: {outcome}")
+    return 0 if len(done) == len(args.studies) else 1
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from dicom_node.route import route_study, summarize_files
     from dicom_node.send.scu import expand_paths
@@ -240,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+    p = with_config(sub.add_parser(
+        "reprocess", help="route processed studies again (new generation, new results)"))
+    p.add_argument("studies", nargs="+", metavar="STUDY_UID")
+    p.set_defaults(func=cmd_reprocess)
     p = with_config(sub.add_parser("route", help="show which routes fire for a study"))
     p.add_argument("--dry-run", action="store_true", required=True,
                    help="only evaluate; nothing is queued")

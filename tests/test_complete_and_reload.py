@@ -121,3 +121,24 @@ def test_route_dry_run_on_a_folder_prints_which_routes_fire(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "route 'ct route': FIRES" in result.stdout
     assert "Modality: 'CT' matches 'CT'" in result.stdout
+
+
+def test_reprocess_routes_an_unrouted_study_again_after_a_route_is_added(tmp_path: Path) -> None:
+    config = _config(tmp_path, ROUTED)
+    sessions = make_sessionmaker(make_engine(config.database.url))
+    study_uid = _store(config, "MR_small.dcm", when_ago=10)
+    assert complete.sweep(config, sessions) == 1
+    assert config.source is not None
+    config.source.write_text(config.source.read_text().replace('"CT"', '["CT", "MR"]'))
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "reprocess", study_uid, "--config",
+         str(config.source)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "reopened" in result.stdout
+    new_config = load_config(config.source)
+    assert complete.sweep(new_config, sessions) == 1
+    with sessions() as session:
+        study = session.get(Study, study_uid)
+        assert study is not None and (study.state, study.generation) == (StudyState.ROUTED, 1)
+        (job,) = queue.list_jobs(session)
+    assert job["generation"] == 1

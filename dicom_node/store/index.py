@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Boolean, DateTime, bindparam, func, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.messages import StoredInstance
 from dicom_node.store.db import Instance, Job, JobState, Study, StudyState, utcnow
@@ -105,6 +105,27 @@ def record_instance(
         transfer_syntax_uid=transfer_syntax_uid, modality=modality, path=path, size=size,
         calling_ae_title=calling_ae_title, received_at=now, duplicate=existing,
         reopened_study=reopened)
+
+
+def reprocess(sessions: sessionmaker[Session], study_uids: Sequence[str]) -> list[str]:
+    """Administrator's re-run: reopen processed studies (new generation) and make them due for
+    completion at the next sweep, e.g. after adding a route for studies that were unrouted.
+    Returns the UIDs reopened; studies still receiving or unknown are left alone."""
+    now = utcnow()
+    reopened = []
+    with sessions.begin() as session:
+        for uid in study_uids:
+            study = session.get(Study, uid)
+            if study is None or study.state not in PROCESSED_STATES:
+                continue
+            study.state = StudyState.RECEIVING
+            study.generation += 1
+            study.completed_at = None
+            # Already stable: the next completion sweep routes it with the current config.
+            study.last_received_at = now - timedelta(days=1)
+            study.note = f"reprocess requested by an administrator at {now.isoformat()}Z"
+            reopened.append(uid)
+    return reopened
 
 
 def stable_studies(session: Session, stable_after: timedelta, now: datetime) -> Sequence[Study]:
