@@ -4,17 +4,20 @@
 -- Orthanc calls OnStableStudy when a study has received no new instance for "StableAge"
 -- seconds (orthanc.json). dicom-node answers with a DICOM SR stored in the SAME study, so the
 -- study becomes stable a second time when the result arrives. An unguarded script would then
--- send the whole study, result included, back to dicom-node. dicom-node recognises its own result
--- and ignores it for completion, but the images would arrive again as duplicates, and a duplicate
--- reopens a processed study: the model runs again and sends a new result: a loop. The guard:
+-- send the whole study, result included, back to dicom-node. That would not start a loop:
+-- dicom-node recognises its own result and ignores it for completion, and images it already has
+-- (re-sent SOP Instance UIDs) do not reopen a processed study. But it would send the whole study
+-- over the network again after every result, for nothing. The guard:
 --
 --   * an instance whose RemoteAET is dicom-node's AE title is a result: it is never forwarded;
 --   * an instance that was forwarded successfully is marked with the metadata "ForwardedToNode"
 --     (declared in orthanc.json under "UserMetadata") and is never forwarded again.
 --
--- A late image (an instance of an already forwarded study that is not marked yet) is forwarded
--- on its own the next time the study is stable; dicom-node then reopens the study and sends a
--- new result in a new series (see docs/receiving.md, "Late instances").
+-- A late image (an instance of an already forwarded study that is not marked yet, so a new SOP
+-- Instance UID for dicom-node) is forwarded on its own the next time the study is stable;
+-- dicom-node then reopens the study and sends a new result in a new series (see
+-- docs/receiving.md, "Late instances"). To have dicom-node process a study again without new
+-- images, run `dicom-node reprocess <StudyInstanceUID>` on the node.
 --
 -- A failed forward leaves its instances unmarked and is printed in Orthanc's log; the next
 -- stable event of the study, or a manual POST /modalities/node/store, sends them again.
