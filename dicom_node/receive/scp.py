@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
+from dicom_node.receive import polling
 from dicom_node.receive.status import EchoStatus
 from dicom_node.receive.store_handler import StoreContext, handle_store
 from dicom_node.store.db import make_sessionmaker
@@ -107,6 +108,7 @@ class Receiver:
         # pynetdicom's "standard" handlers format a debug line for every PDU and DIMSE message,
         # bound whatever the log level; the node logs its own structured events instead.
         _config.LOG_HANDLER_LEVEL = "none"
+        polling.install()
         tempfile.tempdir = str(scratch)
         for leftover in scratch.glob("*.dcm"):
             leftover.unlink(missing_ok=True)  # never acknowledged: the sender will re-send
@@ -133,6 +135,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            self.context.io.shutdown(wait=True)
             log.info("receiver_stopped")
 
     def reconfigure(self, config: Config) -> None:
@@ -157,6 +160,7 @@ class Receiver:
     def _handle_store(self, event: Any) -> int:
         status = handle_store(event, self.context)
         if status == 0:
+            polling.mark_busy(event.assoc)
             with self._lock:
                 self._counts[id(event.assoc)] += 1
         return status
@@ -166,6 +170,7 @@ class Receiver:
                  peer=event.assoc.requestor.address)
 
     def _on_closed(self, event: Any) -> None:
+        polling.forget(event.assoc)
         with self._lock:
             stored = self._counts.pop(id(event.assoc), 0)
         log.info("association_closed", how=event.event.name.removeprefix("EVT_").lower(),

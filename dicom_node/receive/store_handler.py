@@ -9,8 +9,10 @@ named status; no exception escapes to pynetdicom.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from dicom_node.errors import InvalidUIDError
 from dicom_node.log import get_logger
 from dicom_node.receive.status import StoreStatus
 from dicom_node.store.index import record_instance
-from dicom_node.store.spool import commit_file, instance_path
+from dicom_node.store.spool import commit_file, fsync_file, instance_path
 from dicom_node.uids import validate_uid
 
 _HEADER_TAGS: list[BaseTag | int] = [Tag(k) for k in (
@@ -71,6 +73,18 @@ class StoreContext:
     config: Config
     engine: Engine
     sessions: sessionmaker[Session]
+    #: Threads that fsync a received file while the handler parses its header (os.fsync releases
+    #: the GIL, so the two overlap: ~0.4 ms less per instance on the sender's critical path).
+    io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=8, thread_name_prefix="fsync"))
+
+
+def _refuse(synced: Future[None]) -> StoreStatus:
+    """Answer Cannot understand, once the background fsync of the refused file has ended (the
+    file is removed by pynetdicom after the handler returns)."""
+    with contextlib.suppress(OSError):
+        synced.result()
+    return StoreStatus.CANNOT_UNDERSTAND
 
 
 def handle_store(event: Any, context: StoreContext) -> int:
@@ -79,6 +93,7 @@ def handle_store(event: Any, context: StoreContext) -> int:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     request = event.request
     config = context.config
+    synced = context.io.submit(fsync_file, temp_path)
     try:
         sop_uid = validate_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
         sop_class = validate_uid(request.AffectedSOPClassUID, "SOP Class UID")
@@ -90,25 +105,26 @@ def handle_store(event: Any, context: StoreContext) -> int:
             log.warning("instance_refused", reason="SOP Instance UID in the data set differs "
                         "from the C-STORE request's Affected SOP Instance UID",
                         calling_ae=calling_ae, sop_instance_uid=sop_uid)
-            return StoreStatus.CANNOT_UNDERSTAND
+            return _refuse(synced)
         modality = str(header.get("Modality", "")).strip()[:16]
         transfer_syntax = str(header.file_meta.TransferSyntaxUID)
         own_result = is_own_result(header.get("SoftwareVersions"))
     except InvalidUIDError as exc:
         log.warning("instance_refused", reason=str(exc), calling_ae=calling_ae)
-        return StoreStatus.CANNOT_UNDERSTAND
+        return _refuse(synced)
     except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError) as exc:
         log.warning("instance_refused", reason=f"unreadable data set: {exc}",
                     calling_ae=calling_ae)
-        return StoreStatus.CANNOT_UNDERSTAND
+        return _refuse(synced)
     except Exception as exc:  # never let an exception reach pynetdicom
         log.exception("instance_refused", reason=f"unexpected: {exc!r}", calling_ae=calling_ae)
-        return StoreStatus.CANNOT_UNDERSTAND
+        return _refuse(synced)
 
     final_path = instance_path(config.spool_dir, study_uid, series_uid, sop_uid)
     try:
+        synced.result()
         size = temp_path.stat().st_size
-        replaced = commit_file(temp_path, final_path,
+        replaced = commit_file(temp_path, final_path, synced=True,
                                replace=config.node.on_duplicate == "replace")
         stored = record_instance(
             context.engine, sop_instance_uid=sop_uid, sop_class_uid=sop_class,

@@ -58,13 +58,15 @@ def _make_dirs(path: Path) -> None:
         fsync_dir(folder.parent)
 
 
-def commit_file(temp_path: Path, final_path: Path, *, replace: bool = True) -> bool:
+def commit_file(temp_path: Path, final_path: Path, *, replace: bool = True,
+                synced: bool = False) -> bool:
     """Durably move ``temp_path`` (same file system) to ``final_path``.
 
-    Returns False (and removes the temporary file) when ``final_path`` exists and ``replace`` is
-    False — the first copy is kept.
+    ``synced``: the caller already fsync'd ``temp_path``. Returns False (and removes the temporary
+    file) when ``final_path`` exists and ``replace`` is False — the first copy is kept.
     """
-    fsync_file(temp_path)
+    if not synced:
+        fsync_file(temp_path)
     _make_dirs(final_path.parent)
     if not replace and final_path.exists():
         temp_path.unlink(missing_ok=True)
