@@ -69,6 +69,9 @@ def test_forwarded_chest_cr_comes_back_as_a_valid_sr_in_the_same_study(
         assert finding in tree.output
     assert "chest-xray-cnn" in tree.output
 
+    dry_run = node.cli("route", "--dry-run", str(source.StudyInstanceUID))
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert "route 'chest radiographs': FIRES" in dry_run.stdout
     (job,) = node.jobs()
     assert (job["state"], job["delivered"], job["study_instance_uid"]) == (
         "done", "pacs", source.StudyInstanceUID)
