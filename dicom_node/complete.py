@@ -19,6 +19,7 @@ from pydicom import dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config
+from dicom_node.errors import ConfigError
 from dicom_node.jobs.queue import create_jobs
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
@@ -53,6 +54,20 @@ def summarize_stored_study(session: Session, data_dir: Path, study_uid: str) -> 
                      instance_count=len(instances))
 
 
+def _report_models(config: Config) -> frozenset[str]:
+    """Models whose card says kind = "report": they run after the route's other models."""
+    from dicom_node.infer.card import load_card
+
+    names = set()
+    for model in config.models:
+        try:
+            if load_card(model.path).kind == "report":
+                names.add(model.name)
+        except ConfigError:
+            continue  # its job fails with the card's message when it runs
+    return frozenset(names)
+
+
 def sweep(config: Config, sessions: sessionmaker[Session], now: datetime | None = None) -> int:
     """Complete every stable study; returns how many were completed."""
     now = now or utcnow()
@@ -84,9 +99,10 @@ def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _S
             return False
         study.completed_at = now
         jobs = []
+        waiting = _report_models(config)
         for decision in fired:
             jobs += create_jobs(session, study, decision.route.name, decision.route.models,
-                                decision.route.send_to, now)
+                                decision.route.send_to, now, waiting)
         study.state = StudyState.ROUTED if jobs else StudyState.UNROUTED
         study.note = None if jobs else "no route matched"
     modalities = sorted(summary.values.get("Modality", frozenset()))

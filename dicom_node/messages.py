@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,73 @@ class StudySummary:
     calling_ae_titles: frozenset[str] = frozenset()
     instance_count: int = 0
     series_count: int = 0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A numeric measurement attached to a finding, e.g. a nodule's volume (UCUM unit)."""
+
+    name: CodedConcept
+    value: float
+    unit: CodedConcept
+
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """What one model concluded, in a form other models (the report drafter) and the job listing
+    can read back. Stored as JSON with the job; see :func:`findings_to_json`."""
+
+    model: str
+    model_version: str
+    concept: CodedConcept
+    present: bool
+    probability: float | None = None
+    measurements: tuple[Measurement, ...] = ()
+    #: Free text the next model may use (e.g. "right upper lobe"); never patient data.
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PipelineInput:
+    """Everything a model pipeline gets for one job."""
+
+    study_instance_uid: str
+    generation: int
+    route_name: str
+    #: The study's instances of the card's modalities, full datasets (pixels included).
+    sources: tuple[Any, ...]
+    #: Findings of the other models of the same route and study generation that finished before
+    #: this job (only report models wait for them; see jobs.queue).
+    prior_findings: tuple[FindingRecord, ...]
+    #: The job's timestamp: content/series dates of the results, so a re-run encodes the same.
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """What a model pipeline hands back: DICOM objects to send, and its findings."""
+
+    objects: tuple[Any, ...]
+    findings: tuple[FindingRecord, ...] = ()
+    #: Facts for the job log (no patient data): e.g. {"images": 40, "nodules": 2}.
+    summary: dict[str, object] = field(default_factory=dict)
+
+
+def findings_to_json(findings: tuple[FindingRecord, ...]) -> str:
+    """Serialise findings for the jobs table."""
+    return json.dumps([asdict(f) for f in findings])
+
+
+def findings_from_json(text: str | None) -> tuple[FindingRecord, ...]:
+    """The inverse of :func:`findings_to_json`."""
+    records = []
+    for raw in json.loads(text or "[]"):
+        records.append(FindingRecord(
+            model=raw["model"], model_version=raw["model_version"],
+            concept=CodedConcept(**raw["concept"]), present=raw["present"],
+            probability=raw["probability"],
+            measurements=tuple(Measurement(CodedConcept(**m["name"]), m["value"],
+                                           CodedConcept(**m["unit"]))
+                               for m in raw["measurements"]),
+            detail=raw["detail"]))
+    return tuple(records)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node.config import JobsSection
+from dicom_node.messages import FindingRecord, findings_from_json, findings_to_json
 from dicom_node.store.db import Job, JobState, Study, StudyState, utcnow
 
 
@@ -38,6 +39,7 @@ class ClaimedJob:
     delivered: tuple[str, ...]
     attempts: int
     owner: str
+    created_at: datetime
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -57,13 +59,37 @@ def _due(now: datetime) -> Any:
     )
 
 
+def _siblings_ended() -> Any:
+    """A job that waits for its siblings (same study generation and route) is ready only when
+    none of them is pending or running."""
+    sibling = aliased(Job)
+    unfinished = exists().where(
+        sibling.study_instance_uid == Job.study_instance_uid,
+        sibling.generation == Job.generation,
+        sibling.route_name == Job.route_name,
+        sibling.id != Job.id,
+        sibling.waits_for_siblings.is_(False),
+        sibling.state.in_([JobState.PENDING, JobState.RUNNING]))
+    return or_(Job.waits_for_siblings.is_(False), ~unfinished)
+
+
+def sibling_findings(session: Session, job: ClaimedJob) -> tuple[FindingRecord, ...]:
+    """Findings of the done jobs of the same study generation and route (for a report model)."""
+    rows = session.scalars(select(Job.findings).where(
+        Job.study_instance_uid == job.study_instance_uid, Job.generation == job.generation,
+        Job.route_name == job.route_name, Job.id != job.id,
+        Job.state == JobState.DONE).order_by(Job.id)).all()
+    return tuple(f for row in rows for f in findings_from_json(row))
+
+
 def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
           now: datetime | None = None) -> ClaimedJob | None:
     """Claim the oldest due job for ``owner`` with a lease; None when there is nothing to do."""
     now = now or utcnow()
     with sessions.begin() as session:
         candidates = session.scalars(
-            select(Job).where(_due(now)).order_by(Job.not_before, Job.id).limit(8)).all()
+            select(Job).where(_due(now)).where(_siblings_ended())
+            .order_by(Job.not_before, Job.id).limit(8)).all()
         for job in candidates:
             if job.state == JobState.RUNNING and job.attempts >= jobs.max_attempts:
                 _finish_failed(session, job, f"lease of {job.lease_owner} expired on the last "
@@ -80,7 +106,8 @@ def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
                     id=job.id, study_instance_uid=job.study_instance_uid,
                     generation=job.generation, route_name=job.route_name,
                     model_name=job.model_name, destinations=_split(job.destinations),
-                    delivered=_split(job.delivered), attempts=job.attempts + 1, owner=owner)
+                    delivered=_split(job.delivered), attempts=job.attempts + 1, owner=owner,
+                    created_at=job.created_at)
     return None
 
 
@@ -113,13 +140,15 @@ def record_delivery(sessions: sessionmaker[Session], claimed: ClaimedJob, destin
             job.updated_at = utcnow()
 
 
-def succeed(sessions: sessionmaker[Session], claimed: ClaimedJob, model_version: str) -> bool:
+def succeed(sessions: sessionmaker[Session], claimed: ClaimedJob, model_version: str,
+            findings: tuple[FindingRecord, ...] = ()) -> bool:
     now = utcnow()
     with sessions.begin() as session:
         job = _owned(session, claimed.id, claimed.owner)
         if job is None:
             return False
         job.state = JobState.DONE
+        job.findings = findings_to_json(findings)
         job.lease_owner = job.lease_expires_at = None
         job.last_error = None
         job.model_version = model_version
@@ -192,15 +221,16 @@ def retry(sessions: sessionmaker[Session], job_ids: Sequence[int] | None = None)
 
 
 def create_jobs(session: Session, study: Study, route_name: str, models: Sequence[str],
-                destinations: Sequence[str], now: datetime) -> list[Job]:
+                destinations: Sequence[str], now: datetime,
+                waiting: frozenset[str] = frozenset()) -> list[Job]:
     """Jobs for one fired route on the study's current generation (inside the caller's
-    transaction)."""
+    transaction). Models named in ``waiting`` (report models) run after the others."""
     created = []
     for model in models:
         job = Job(study_instance_uid=study.study_instance_uid, generation=study.generation,
                   route_name=route_name, model_name=model, destinations=",".join(destinations),
                   delivered="", state=JobState.PENDING, attempts=0, not_before=now,
-                  created_at=now, updated_at=now)
+                  created_at=now, updated_at=now, waits_for_siblings=model in waiting)
         session.add(job)
         created.append(job)
     return created

@@ -18,16 +18,26 @@ from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config
-from dicom_node.errors import DicomNodeError, PreprocessingError, SendError
+from dicom_node.errors import DicomNodeError, ModelError, PreprocessingError, SendError
 from dicom_node.jobs import queue
 from dicom_node.jobs.queue import ClaimedJob
 from dicom_node.log import get_logger
+from dicom_node.messages import (
+    FindingRecord,
+    PipelineInput,
+    PipelineOutput,
+    findings_from_json,
+    findings_to_json,
+)
 from dicom_node.send.scu import send_files
 from dicom_node.store.index import study_instances
 from dicom_node.store.spool import write_file
-from dicom_node.uids import result_uids
+from dicom_node.uids import validate_uid
 
 log = get_logger()
+
+#: Written last in a job's results folder: the set of result files there is complete.
+FINDINGS_FILE = "findings.json"
 
 
 def results_folder(config: Config, job: ClaimedJob, model_version: str) -> Path:
@@ -38,7 +48,7 @@ def results_folder(config: Config, job: ClaimedJob, model_version: str) -> Path:
 
 
 def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
-                  modalities: tuple[str, ...]) -> list[Dataset]:
+                  modalities: tuple[str, ...], headers_only: bool) -> list[Dataset]:
     with sessions() as session:
         instances = study_instances(session, job.study_instance_uid)
         paths = [config.node.data_dir / i.path for i in instances
@@ -46,38 +56,51 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     if not paths:
         raise PreprocessingError(
             f"the study has no instance of modality {' or '.join(modalities)} for this model")
-    return [dcmread(p) for p in paths]
+    return [dcmread(p, stop_before_pixels=headers_only) for p in paths]
+
+
+def _write_results(folder: Path, output: PipelineOutput, scratch: Path) -> list[Path]:
+    """Write the result objects, then findings.json last: its presence marks a complete set."""
+    paths = []
+    for dataset in output.objects:
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        path = folder / f"{validate_uid(dataset.SOPInstanceUID, 'result SOP Instance UID')}.dcm"
+        write_file(buffer.getvalue(), path, scratch)
+        paths.append(path)
+    write_file(findings_to_json(output.findings).encode(), folder / FINDINGS_FILE, scratch)
+    return paths
 
 
 def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
-                  bound: Any = log) -> tuple[list[Path], str]:
-    """Run the model and encode its results (or reuse results already written); return the
-    result files and the model version."""
+                  bound: Any = log) -> tuple[list[Path], str, tuple[FindingRecord, ...]]:
+    """Run the model's pipeline and write its results (or reuse results already written);
+    return the result files, the model version and the findings."""
     # Imported here: the receiver process imports the jobs package but never runs a model.
-    from dicom_node.encode.sr import build_classification_sr
     from dicom_node.infer.card import load_card
-    from dicom_node.infer.runtime import classify
+    from dicom_node.pipelines import run_pipeline
 
     model_ref = config.model(job.model_name)
     card = load_card(model_ref.path)
     folder = results_folder(config, job, card.version)
-    existing = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
-    if existing:
+    if (folder / FINDINGS_FILE).is_file():
+        existing = sorted(folder.glob("*.dcm"))
         bound.info("results_reused", files=len(existing))
-        return existing, card.version
-    sources = _load_sources(config, sessions, job, tuple(card.modalities))
-    result = classify(card, model_ref.path, sources)
-    kind = "sr" if job.generation == 0 else f"sr.g{job.generation}"
-    uids = result_uids(job.study_instance_uid, job.route_name, card.name, card.version, kind)
-    sr = build_classification_sr(sources, result, uids, job.route_name)
-    bound.info("inference_done", findings={f.concept.meaning: round(f.probability, 4)
-                                         for f in result.findings},
-             images=len(result.source_sop_instance_uids), sr_sop_instance_uid=uids.sop_instance_uid)
-    path = folder / f"{uids.sop_instance_uid}.dcm"
-    buffer = BytesIO()
-    sr.save_as(buffer, enforce_file_format=True)
-    write_file(buffer.getvalue(), path, config.node.data_dir / "incoming")
-    return [path], card.version
+        return existing, card.version, findings_from_json(
+            (folder / FINDINGS_FILE).read_text(encoding="utf-8"))
+    sources = _load_sources(config, sessions, job, tuple(card.modalities),
+                            headers_only=card.kind == "report")
+    with sessions() as session:
+        prior = queue.sibling_findings(session, job)
+    output = run_pipeline(card, model_ref.path, PipelineInput(
+        study_instance_uid=job.study_instance_uid, generation=job.generation,
+        route_name=job.route_name, sources=tuple(sources), prior_findings=prior,
+        timestamp=job.created_at))
+    if not output.objects:
+        raise ModelError(f"model {card.name} {card.version} produced no result object")
+    bound.info("inference_done", kind=card.kind, objects=len(output.objects), **output.summary)
+    files = _write_results(folder, output, config.node.data_dir / "incoming")
+    return files, card.version, output.findings
 
 
 class LeaseKeeper:
@@ -118,7 +141,7 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
     bound.info("job_started", destinations=list(job.destinations))
     version = ""
     try:
-        files, version = build_results(config, sessions, job, bound)
+        files, version, findings = build_results(config, sessions, job, bound)
         if not queue.renew(sessions, job, config.jobs):
             bound.warning("job_lease_lost", reason="another worker took the job over")
             return
@@ -151,5 +174,5 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
         state = queue.fail(sessions, job, f"unexpected {type(exc).__name__}: {exc}", config.jobs)
         bound.exception("job_error", state=str(state))
         return
-    if queue.succeed(sessions, job, version):
+    if queue.succeed(sessions, job, version, findings):
         bound.info("job_done", model_version=version)

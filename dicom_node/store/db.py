@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -116,6 +117,11 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     #: Model version that produced the results (set when inference ran).
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: A job that consumes the findings of the other models of its route (a report model)
+    #: waits until those jobs have ended (done or failed).
+    waits_for_siblings: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The findings of a done job, as JSON (messages.findings_to_json).
+    findings: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
