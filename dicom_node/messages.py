@@ -163,3 +163,42 @@ def findings_from_json(text: str | None) -> tuple[FindingRecord, ...]:
                                for m in raw["measurements"]),
             detail=raw["detail"]))
     return tuple(records)
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """One source image frame a result is aligned to."""
+
+    sop_instance_uid: str
+    #: 1-based; 1 for a single-frame image.
+    frame_number: int = 1
+
+
+@dataclass(frozen=True)
+class SegmentedRegion:
+    """One connected region of a segment (e.g. one lung nodule), measured in patient space."""
+
+    #: 1-based index into SegmentationResult.segments.
+    segment_number: int
+    volume_mm3: float
+    #: Longest distance between two points of the region (3D), in mm.
+    longest_diameter_mm: float
+    #: Centre of mass in patient coordinates (mm).
+    centroid: tuple[float, float, float]
+    mean_probability: float
+    #: Indices into SegmentationResult.frames of the frames the region appears on.
+    frames: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """A segmenter's output on one series, aligned to its source frames in spatial order."""
+
+    model: ModelIdentity
+    #: (segmented property type, segmented property category) per segment number (1-based).
+    segments: tuple[tuple[CodedConcept, CodedConcept], ...]
+    #: The source frames, ordered along the slice normal (not by file order).
+    frames: tuple[SourceFrame, ...]
+    #: numpy uint8 array (len(frames), rows, cols): 0 background, k = segment number k.
+    mask: Any
+    regions: tuple[SegmentedRegion, ...]
