@@ -66,7 +66,11 @@ class NodeSection(_Section):
     network_timeout_seconds: Seconds = 60.0
     acse_timeout_seconds: Seconds = 30.0
     dimse_timeout_seconds: Seconds = 60.0
-    #: Largest P-DATA PDU we accept (advertised in A-ASSOCIATE-AC); 0 means unlimited.
+    #: TCP connections open at once (associations, and connections still negotiating); one more
+    #: is closed at accept time. Default: max_associations + 8.
+    max_connections: Annotated[int, Field(ge=1, le=4000)] | None = None
+    #: Largest P-DATA PDU we accept: advertised in A-ASSOCIATE-AC and enforced when reading
+    #: (a longer PDU aborts the association); 0 means unlimited (still capped at 64 MiB).
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262_144
     #: What a second copy of a stored SOP Instance UID does: "replace" keeps the newest copy.
     #: "keep" keeps the first copy. Either way the sender gets Success and the study's clock

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
-from dicom_node.receive import polling
+from dicom_node.receive import limits, polling
 from dicom_node.receive.status import EchoStatus
 from dicom_node.receive.store_handler import StoreContext, handle_store
 from dicom_node.store.db import make_sessionmaker
@@ -62,6 +62,11 @@ def set_nodelay(event: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _connection_limit(config: Config) -> int:
+    node = config.node
+    return node.max_connections or node.max_associations + 8
 
 
 class Receiver:
@@ -109,6 +114,8 @@ class Receiver:
         # bound whatever the log level; the node logs its own structured events instead.
         _config.LOG_HANDLER_LEVEL = "none"
         polling.install()
+        limits.install_bounded_reads(config.node.max_pdu_bytes,
+                                     config.node.network_timeout_seconds)
         tempfile.tempdir = str(scratch)
         for leftover in scratch.glob("*.dcm"):
             leftover.unlink(missing_ok=True)  # never acknowledged: the sender will re-send
@@ -123,6 +130,7 @@ class Receiver:
         ]
         self._server = self.ae.start_server(
             (config.node.bind, config.node.port), block=False, evt_handlers=handlers)
+        self._cap = limits.cap_connections(self._server, _connection_limit(config))
         log.info("receiver_started", ae_title=config.node.ae_title, bind=config.node.bind,
                  port=self.port, max_associations=config.node.max_associations,
                  allowed_calling_aets=list(config.node.allowed_calling_aets) or "any")
@@ -149,8 +157,13 @@ class Receiver:
                 k: getattr(config.node, k) for k in (
                     "allowed_calling_aets", "max_associations", "network_timeout_seconds",
                     "acse_timeout_seconds", "dimse_timeout_seconds", "max_pdu_bytes",
+                    "max_connections",
                     "on_duplicate")})})
         self._apply_limits(self.ae, config)
+        if self._server is not None:
+            self._cap.limit = _connection_limit(config)
+            limits.install_bounded_reads(config.node.max_pdu_bytes,
+                                         config.node.network_timeout_seconds)
         self.context.config = config
 
     def _handle_echo(self, event: Any) -> int:
