@@ -91,7 +91,9 @@ def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _S
     fired = [d for d in decisions if d.fires]
     bound = log.bind(study_uid=snap.study_uid, generation=snap.generation)
     with sessions.begin() as session:
-        study = session.get(Study, snap.study_uid)
+        # FOR UPDATE: two receivers sweeping one PostgreSQL database complete a study once (the
+        # second waits, then sees it routed). SQLite's BEGIN IMMEDIATE already serialises them.
+        study = session.get(Study, snap.study_uid, with_for_update=True)
         # An instance that arrived while we summarized restarts the clock: try again later.
         if (study is None or study.state != StudyState.RECEIVING
                 or study.generation != snap.generation
