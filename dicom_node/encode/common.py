@@ -122,9 +122,9 @@ def series_description(model: ModelIdentity, kind: str = "result") -> str:
     suffix = f" {model.version}" + (
         " (synthetic training data)" if model.synthetic_training_data else ""
     )
-    room = LO_MAX - len(prefix) - len(suffix)
-    name = model.name if len(model.name) <= room else model.name[: max(room - 3, 0)] + "..."
-    return (prefix + name + suffix)[:LO_MAX]
+    room = LO_MAX - _width(prefix) - _width(suffix)
+    name = model.name if _width(model.name) <= room else _cut(model.name, max(room - 3, 0)) + "..."
+    return _cut(prefix + name + suffix, LO_MAX)
 
 
 def local_coding_schemes(designators: Iterable[str]) -> list[CodingSchemeIdentificationItem]:
@@ -143,7 +143,18 @@ def fit_lo(text: str) -> str:
     Only for attributes whose full value is also written elsewhere (the content tree keeps the
     model's full name, version and manufacturer as TEXT).
     """
-    return text if len(text) <= LO_MAX else text[: LO_MAX - 3] + "..."
+    return text if _width(text) <= LO_MAX else _cut(text, LO_MAX - 3) + "..."
+
+
+def _width(text: str) -> int:
+    """Length as validators count it: bytes of the UTF-8 encoding (what ISO_IR 192 writes), which
+    is never less than the character count the standard states, so both readings are met."""
+    return len(text.encode("utf-8"))
+
+
+def _cut(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 encoding has at most ``limit`` bytes."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 def ai_notice(model: ModelIdentity, route_name: str) -> str:
@@ -221,3 +232,18 @@ def pin_creation_time(dataset: Dataset, timestamp: datetime) -> None:
     for item in dataset.get("ContributingEquipmentSequence", []):
         if item.PurposeOfReferenceCodeSequence[0].CodeValue == processing:
             item.ContributionDateTime = DT(timestamp)
+
+
+def observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
+    """TID 1001 with a Device observer (TID 1002, TID 1004) that names the model and its version."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid(model),
+                name=f"{model.name} {model.version}",
+                manufacturer_name=model.manufacturer,
+                model_name=model.name,
+            ),
+        )
+    )

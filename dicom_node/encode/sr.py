@@ -42,17 +42,16 @@ from datetime import datetime
 
 import highdicom as hd
 from pydicom import Dataset
-from pydicom.sr.codedict import codes
 
 from dicom_node.encode.common import (
     ai_notice,
     character_set,
     derived_uid,
-    device_uid,
     fit_lo,
     local_coding_schemes,
     node_equipment,
     node_version,
+    observation_context,
     pin_creation_time,
     select_sources,
     series_description,
@@ -164,7 +163,7 @@ def _measurement_report(
 ) -> hd.sr.MeasurementReport:
     """TID 1500 root: observation context, a TID 1501 group per finding, the AI notice (row 14)."""
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(result.model),
+        observation_context=observation_context(result.model),
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[
             _finding_group(index, finding, result.model, uids, headers)
@@ -186,21 +185,6 @@ def _measurement_report(
     )
     report[0].ContentSequence.append(evaluations)
     return report
-
-
-def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
-    """TID 1001 with a Device observer (TID 1002, TID 1004) that names the model and its version."""
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_uid(model),
-                name=f"{model.name} {model.version}",
-                manufacturer_name=model.manufacturer,
-                model_name=model.name,
-            ),
-        )
-    )
 
 
 def _finding_group(
