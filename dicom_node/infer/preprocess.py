@@ -3,7 +3,9 @@
 For each instance, in this order:
 
 1. **Check** that it has pixel data and a photometric interpretation the model can take:
-   MONOCHROME1/MONOCHROME2 for every model; RGB and the YBR family only for 3-channel models.
+   MONOCHROME1/MONOCHROME2 for every model; RGB and the YBR family only for 3-channel models
+   that do not use fixed windows; and that its Image Type (0008,0008) has none of the card's
+   ``exclude_image_types`` (e.g. LOCALIZER, the scout of a CT study).
    Anything else raises :class:`~dicom_node.errors.PreprocessingError` naming the problem.
 2. **Decode** with pydicom's pixel handlers, which use the installed pylibjpeg (JPEG baseline,
    extended, lossless; JPEG 2000; RLE) and pyjpegls (JPEG-LS) plug-ins. YBR colour is converted to
@@ -15,12 +17,24 @@ For each instance, in this order:
    or window of the dataset (:func:`pydicom.pixels.apply_voi_lut`). Window centre and width come
    from the top level of the dataset; per-frame functional groups of enhanced multi-frame objects
    are not read.
+   With ``voi = "window"`` only the Modality LUT/rescale is applied here (the values are then
+   in modality units, HU for CT); an instance whose rescale lives only in functional groups
+   (enhanced multi-frame) is refused rather than windowed in stored values.
 5. **Normalise** each frame by min–max to [0, 1], then invert MONOCHROME1 (bright always means
    attenuating, as MONOCHROME2 displays), then map to the card's ``range``.
 6. **Resize** to the card's input shape with an antialiasing linear filter: ``resize = "pad"``
    scales to fit keeping the aspect ratio and centres the image on ``pad_value``;
    ``"stretch"`` scales each axis on its own. Pixel spacing and aspect ratio tags are not used
    (pixels are taken as square).
+
+With ``voi = "window"`` steps 5 and 6 change order and meaning: each frame is first resized
+in modality units (a linear filter on HU is what a coarser reconstruction would give, so the
+result does not depend on the source's matrix size), then every window of the card,
+``[center - width / 2, center + width / 2]``, maps linearly onto ``range`` and is clipped to it
+(:func:`apply_windows`): no min–max scaling, so a given HU always gives the same input value.
+One window gives one channel (repeated for a 3-channel model); several windows give one channel
+each, in the card's order. MONOCHROME1 is not inverted: HU mean the same however displayed.
+Padding gets ``pad_value`` in every channel.
 
 The result is a float32 array of shape (frames, rows, columns, channels).
 """
@@ -37,7 +51,9 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from dicom_node.errors import PreprocessingError
 
 if TYPE_CHECKING:
-    from dicom_node.infer.card import ModelCard
+    from collections.abc import Sequence
+
+    from dicom_node.infer.card import ModelCard, Window
 
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 #: Colour interpretations a 3-channel model takes (the decoders give RGB for the YBR family).
@@ -73,6 +89,26 @@ def check_supported(ds: Dataset, channels: int) -> str:
     raise PreprocessingError(
         f"{_describe(ds)}: photometric interpretation {photometric!r} is not supported by a "
         f"{channels}-channel model (supported: {', '.join(supported)})"
+    )
+
+
+def check_image_type(ds: Dataset, excluded: Sequence[str]) -> None:
+    """Raise when a value of the instance's Image Type (0008,0008) is one the card excludes."""
+    if not excluded:
+        return
+    value = ds.get("ImageType")
+    values = [value] if isinstance(value, str) else list(value or [])
+    hits = sorted({str(v).strip().upper() for v in values} & {e.upper() for e in excluded})
+    if hits:
+        raise PreprocessingError(
+            f"{_describe(ds)}: Image Type {'/'.join(hits)} is excluded by the model card "
+            "(preprocessing.exclude_image_types)"
+        )
+
+
+def _has_modality_rescale(ds: Dataset) -> bool:
+    return bool(ds.get("ModalityLUTSequence")) or (
+        "RescaleSlope" in ds and "RescaleIntercept" in ds
     )
 
 
@@ -120,6 +156,23 @@ def _minmax(frame: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.asarray((frame - lo) / (hi - lo), dtype=np.float64)
 
 
+def apply_windows(
+    values: NDArray[np.floating], windows: Sequence[Window], out_range: tuple[float, float]
+) -> NDArray[np.float64]:
+    """Map modality values (HU for CT) through fixed windows: one output channel per window.
+
+    ``values`` has any shape; the result has that shape plus a last axis of ``len(windows)``.
+    Each window maps ``center - width / 2`` to ``out_range[0]`` and ``center + width / 2`` to
+    ``out_range[1]``, linearly, and clips to the range. NaN stays NaN.
+    """
+    low, high = out_range
+    x = np.asarray(values, dtype=np.float64)[..., np.newaxis]
+    lower = np.array([w.center - w.width / 2.0 for w in windows], dtype=np.float64)
+    width = np.array([w.width for w in windows], dtype=np.float64)
+    unit = np.clip((x - lower) / width, 0.0, 1.0)
+    return np.asarray(low + (high - low) * unit, dtype=np.float64)
+
+
 def resample_matrix(n_in: int, n_out: int) -> NDArray[np.float64]:
     """Weights (n_out, n_in) of a linear (triangle) filter, widened when shrinking (antialiasing).
 
@@ -163,8 +216,22 @@ def preprocess(ds: Dataset, card: ModelCard) -> FloatArray:
     """
     spec, channels = card.preprocessing, card.input.channels
     photometric = check_supported(ds, channels)
-    arr = _decode(ds)
+    check_image_type(ds, spec.exclude_image_types)
     colour = photometric in COLOUR
+    windowed = spec.voi == "window"
+    if windowed and colour:
+        raise PreprocessingError(
+            f"{_describe(ds)}: photometric interpretation {photometric!r} has no modality "
+            'values; a card with voi = "window" takes MONOCHROME1/MONOCHROME2 images only'
+        )
+    if windowed and not _has_modality_rescale(ds) and (
+        "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
+    ):
+        raise PreprocessingError(
+            f"{_describe(ds)}: its rescale is in functional groups, which are not read, so "
+            "the card's windows (in modality units) cannot be applied"
+        )
+    arr = _decode(ds)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1:
         arr = arr[np.newaxis]
@@ -174,6 +241,11 @@ def preprocess(ds: Dataset, card: ModelCard) -> FloatArray:
             f"{n_frames} frame(s) of {photometric}"
         )
     arr = arr[_frame_indices(arr.shape[0], spec.frames, spec.max_frames)]
+    if windowed:
+        batch = _windowed_frames(_grey_levels(arr, ds, "modality"), card)
+        if batch.shape[-1] != channels:
+            batch = np.repeat(batch, channels, axis=-1)
+        return batch.astype(np.float32)
     grey = arr.astype(np.float64) if colour else _grey_levels(arr, ds, spec.voi)[..., np.newaxis]
     low, high = spec.range
     frames = []
@@ -187,3 +259,17 @@ def preprocess(ds: Dataset, card: ModelCard) -> FloatArray:
     if batch.shape[-1] != channels:
         batch = np.repeat(batch, channels, axis=-1)
     return batch.astype(np.float32)
+
+
+def _windowed_frames(values: NDArray[np.float64], card: ModelCard) -> NDArray[np.float64]:
+    """Frames of modality values → resized in those units, then through the card's windows."""
+    spec = card.preprocessing
+    if not np.all(np.isfinite(values)):
+        raise PreprocessingError("pixel values are not finite (NaN or infinity)")
+    frames = []
+    for frame in values:
+        # pad with NaN so that padding is told apart from values after resizing
+        sized = resize(frame[:, :, np.newaxis], card.input.shape, spec.resize, np.nan)
+        out = apply_windows(sized[:, :, 0], spec.windows, spec.range)
+        frames.append(np.where(np.isnan(out), spec.pad_value, out))
+    return np.stack(frames)
