@@ -10,6 +10,9 @@ studies       list studies and their state
 jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
 route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
 reprocess     route processed studies again with the current config (a new generation)
+models        list, show or validate model cards (``models validate`` exits 2 on a mistake)
+doctor        check versions, devices, database, data folder, disk space and models
+evaluate      reproduce a model card's metrics on labelled data (``evaluate MODEL DATA``)
 """
 
 from __future__ import annotations
@@ -263,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a stored Study Instance UID or a folder/file of DICOM")
     p.add_argument("--calling-ae", action="append", help="calling AE title to assume (folder)")
     p.set_defaults(func=cmd_route)
+    from dicom_node.models_cli import register
+
+    register(sub)
     return parser
 
 

@@ -4,6 +4,12 @@ Usage (from the repository root, with the "train" extra installed)::
 
     .venv/bin/python models/chest-xray-cnn/train.py            # the shipped weights
     .venv/bin/python models/chest-xray-cnn/train.py --quick --out /tmp/cxr   # a smoke run
+    .venv/bin/python models/chest-xray-cnn/train.py --export-eval /tmp/cxr-test  # test split
+
+``--export-eval DIR`` does not train: it draws the held-out test split again, exactly as a
+training run with the same ``--seed`` and ``--test`` drew it (each sample has its own seed, so
+``--limit N`` gives the first N of those same images), and writes it as DICOM CR files with a
+``labels.csv`` that ``dicom-node evaluate chest-xray-cnn DIR`` reads.
 
 What it does, reproducibly from one seed:
 
@@ -239,6 +245,80 @@ def check_on_real_image(out: Path, name: str) -> str:
     return f"{described}; above threshold: {', '.join(present)}"
 
 
+def write_cr(path: Path, image: np.ndarray, index: int, seed: int) -> None:
+    """One synthetic radiograph as a DICOM CR image (MONOCHROME2, 16 bits, no VOI window).
+
+    The [0, 1] image is stored as round(x * 65535): preprocessing's min-max scaling gives the
+    generator's image back to within 1e-5. UIDs are derived from (seed, index), so an export is
+    the same files every time.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def uid(kind: str) -> str:
+        return str(generate_uid(entropy_srcs=[NAME, "export-eval", str(seed), str(index), kind]))
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid("instance")
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = f"Synthetic^Chest^{index:05d}"
+    ds.PatientID = f"SYNTH-CXR-{index:05d}"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = uid("study")
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20250117"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = f"{index:05d}"
+    ds.AccessionNumber = ""
+    ds.StudyDescription = "Synthetic chest radiograph"
+    ds.Modality = "CR"
+    ds.SeriesInstanceUID = uid("series")
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = f"{NAME} synthetic test split"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.Manufacturer = "dicom-node synthetic.py"
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["L", "F"]
+    ds.BurnedInAnnotation = "NO"
+    ds.ImageComments = f"synthetic, not a patient: test stream seed {seed}, sample {index}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = image.shape[:2]
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.round(np.clip(image[..., 0], 0.0, 1.0) * 65535).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def export_eval(out: Path, seed: int, n_test: int, limit: int | None, workers: int) -> None:
+    """Write the test split (or its first ``limit`` samples) as DICOM CR + labels.csv."""
+    started = time.perf_counter()
+    count = min(n_test, limit) if limit else n_test
+    images, labels = generate(seed + 2, count, workers)  # the stream main() tests on
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["file," + ",".join(FINDINGS)]
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        name = f"case-{index:05d}.dcm"
+        write_cr(out / name, image, index, seed)
+        rows.append(name + "," + ",".join(str(int(v)) for v in label))
+    (out / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (out / "export.json").write_text(json.dumps({
+        "model": NAME, "split": "test", "seed": seed, "stream": seed + 2, "test_samples": n_test,
+        "exported": count, "first_index": 0, "size": SIZE, "prevalence": PREVALENCE,
+        "findings": list(FINDINGS),
+    }, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {count} of the {n_test} test images (stream {seed + 2}) and labels.csv "
+          f"to {out} in {time.perf_counter() - started:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="folder for model.keras/model.toml")
@@ -249,9 +329,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (not for shipping)")
+    parser.add_argument("--export-eval", type=Path, metavar="DIR",
+                        help="do not train: write the test split as DICOM + labels.csv to DIR")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="with --export-eval: only the first N test images")
     args = parser.parse_args()
     if args.quick:
         args.train, args.val, args.test, args.epochs = 256, 64, 128, 1
+    if args.limit is not None and (args.export_eval is None or args.limit < 1):
+        parser.error("--limit N needs --export-eval and N >= 1")
+    if args.export_eval is not None:
+        export_eval(args.export_eval, args.seed, args.test, args.limit, args.workers)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

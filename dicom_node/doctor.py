@@ -1,0 +1,221 @@
+"""``dicom-node doctor``: is this machine ready to run the node and its models?
+
+Each check gives ``ok``, ``warn`` (works, but look) or ``FAIL`` (something the node needs is
+broken; the command exits 1). Nothing is created or changed: the database is opened read-only
+in spirit (``SELECT 1`` and a look at its tables), the data folder is probed with a temporary file
+that is removed at once.
+
+=================  =====================================================================
+check              FAIL when
+=================  =====================================================================
+python, packages   Python < 3.11, or a required package is missing
+keras backend      Keras or its backend cannot be imported
+devices            the backend lists no device
+config             config.toml does not validate
+database           the database cannot be reached
+data_dir           the data folder (or the folder that would hold it) is not writable
+disk               less than 200 MB free where the data folder lives (warn below 2 GB)
+dcmtk, dicom3tools missing tools only warn: they are for tests and troubleshooting
+models             a card does not validate; with --load, its weights do not load
+=================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from dicom_node.config import Config, load_config
+from dicom_node.errors import DicomNodeError
+
+Status = Literal["ok", "warn", "FAIL"]
+
+#: Packages the node imports; a missing one is a failure.
+REQUIRED = ("pydicom", "pynetdicom", "highdicom", "numpy", "keras", "pydantic", "SQLAlchemy",
+            "structlog", "apscheduler", "pylibjpeg", "pyjpegls")
+#: Packages of the extras: reported when present, a warning when absent.
+OPTIONAL = {"matplotlib": "eval", "scikit-image": "eval"}
+TOOLS = ("storescu", "echoscu", "dcmdump", "dciodvfy")
+DISK_FAIL_BYTES = 200 * 10**6
+DISK_WARN_BYTES = 2 * 10**9
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_python() -> list[Check]:
+    ok = sys.version_info >= (3, 11)
+    checks = [Check("python", "ok" if ok else "FAIL",
+                    f"{platform.python_version()} ({sys.executable}) on {platform.platform()}")]
+    versions = {dist: _version(dist) for dist in REQUIRED}
+    missing = [d for d, v in versions.items() if v is None]
+    checks.append(Check(
+        "packages", "FAIL" if missing else "ok",
+        ", ".join(f"{d} {v}" for d, v in versions.items() if v)
+        + (f"; MISSING: {', '.join(missing)}" if missing else "")))
+    absent = [f"{d} (extra {extra!r})" for d, extra in OPTIONAL.items() if _version(d) is None]
+    present = [f"{d} {_version(d)}" for d in OPTIONAL if _version(d) is not None]
+    checks.append(Check("optional packages", "warn" if absent else "ok",
+                        ", ".join(present) + (f"; not installed: {', '.join(absent)}"
+                                              if absent else "")))
+    return checks
+
+
+def check_backend() -> list[Check]:
+    """Keras, its backend and version, and every device the backend runs on."""
+    try:
+        from dicom_node.infer.runtime import describe_devices
+
+        keras = importlib.import_module("keras")
+        backend = str(keras.backend.backend())
+        module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+        version = getattr(importlib.import_module(module), "__version__", "?") if module else "?"
+        devices = describe_devices()
+    except Exception as exc:  # an import error of a backend shows as many exception types
+        return [Check("keras backend", "FAIL", f"{type(exc).__name__}: {exc}")]
+    checks = [Check("keras backend", "ok",
+                    f"keras {keras.__version__}, backend {backend} {version} "
+                    f"(KERAS_BACKEND={os.environ.get('KERAS_BACKEND', 'unset')})")]
+    if not devices:
+        return [*checks, Check("devices", "FAIL", "the backend lists no device")]
+    gpus = [d for d in devices if "GPU" in d]
+    detail = "; ".join(devices)
+    if backend == "tensorflow" and gpus:
+        tf = importlib.import_module("tensorflow")
+        growth = [bool(tf.config.experimental.get_memory_growth(g))
+                  for g in tf.config.list_physical_devices("GPU")]
+        detail += f"; memory growth {'on' if all(growth) else 'OFF'} for the GPU(s)"
+    elif not gpus:
+        detail += "; no GPU: models run on the CPU"
+    return [*checks, Check("devices", "ok", detail)]
+
+
+def check_database(config: Config) -> Check:
+    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = config.database.url
+    shown = url.split("@")[-1] if "@" in url else url  # no password in the output
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            folder = next((p for p in path.parents if p.exists()), Path("/"))
+            writable = folder.is_dir() and os.access(folder, os.W_OK)
+            return Check("database", "ok" if writable else "FAIL",
+                         f"{shown}: not created yet; created at first start "
+                         f"({folder} {'is' if writable else 'is NOT'} writable)")
+        connect_args: dict[str, object] = {"timeout": 5}
+    else:
+        connect_args = {"connect_timeout": 5}
+    try:
+        engine = create_engine(url, connect_args=connect_args)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            tables = inspect(conn).get_table_names()
+        engine.dispose()
+    except ModuleNotFoundError as exc:
+        return Check("database", "FAIL", f"{shown}: the driver is not installed ({exc.name}); "
+                     "for PostgreSQL install dicom-node[postgres]")
+    except SQLAlchemyError as exc:
+        return Check("database", "FAIL", f"{shown}: {type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    return Check("database", "ok", f"{shown}: reachable, {len(tables)} table(s)")
+
+
+def check_data_dir(config: Config) -> list[Check]:
+    data_dir = config.node.data_dir
+    existing = next((p for p in (data_dir, *data_dir.parents) if p.exists()), Path("/"))
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".doctor-"):
+            pass
+        writable = Check("data_dir", "ok", f"{data_dir}: writable"
+                         + ("" if existing == data_dir else f" (created at start in {existing})"))
+    except OSError as exc:
+        writable = Check("data_dir", "FAIL", f"{data_dir}: not writable: {exc.strerror}")
+    usage = shutil.disk_usage(existing)
+    status: Status = ("FAIL" if usage.free < DISK_FAIL_BYTES
+                      else "warn" if usage.free < DISK_WARN_BYTES else "ok")
+    disk = Check("disk", status, f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB "
+                 f"({100 * usage.free / usage.total:.0f} %) at {existing}")
+    return [writable, disk]
+
+
+def check_tools() -> Check:
+    found = {tool: shutil.which(tool) for tool in TOOLS}
+    missing = [t for t, path in found.items() if path is None]
+    return Check("dcmtk, dicom3tools", "warn" if missing else "ok",
+                 ("all of " + ", ".join(TOOLS)) if not missing else
+                 f"not found: {', '.join(missing)} (optional: tests and troubleshooting; "
+                 "apt-get install dcmtk dicom3tools)")
+
+
+def check_models(config: Config, load: bool) -> list[Check]:
+    from dicom_node.registry import discover, load_weights
+
+    checks = []
+    for entry in discover(config):
+        name = f"model {entry.name}"
+        if not entry.valid or entry.card is None:
+            checks.append(Check(name, "FAIL", "; ".join(entry.problems)))
+            continue
+        detail = f"{entry.card.version} ({entry.card.kind}) card valid"
+        if load:
+            try:
+                detail += f"; {load_weights(entry)}"
+            except DicomNodeError as exc:
+                checks.append(Check(name, "FAIL", f"{detail}; weights: {exc}"))
+                continue
+        checks.append(Check(name, "ok", detail))
+    if not checks:
+        checks.append(Check("models", "warn", "the config names no model"))
+    return checks
+
+
+def run_checks(config_path: str | Path, load: bool = False) -> list[Check]:
+    """Every check, in order; the config-dependent ones only when the config validates."""
+    checks = check_python()
+    checks += check_backend()
+    try:
+        config = load_config(config_path)
+    except DicomNodeError as exc:
+        checks.append(Check("config", "FAIL", str(exc)))
+        return [*checks, check_tools()]
+    checks.append(Check("config", "ok", f"{config.source}: valid ({len(config.routes)} routes, "
+                        f"{len(config.models)} models, {len(config.destinations)} destinations)"))
+    checks.append(check_database(config))
+    checks += check_data_dir(config)
+    checks.append(check_tools())
+    checks += check_models(config, load)
+    return checks
+
+
+def print_checks(checks: list[Check], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+        return
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"[{c.status:^4}] {c.name.ljust(width)}  {c.detail}")
+    failed = sum(c.status == "FAIL" for c in checks)
+    warned = sum(c.status == "warn" for c in checks)
+    print(f"{failed} failed, {warned} warning(s), {len(checks) - failed - warned} ok")

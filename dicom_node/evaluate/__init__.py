@@ -1,0 +1,101 @@
+"""``dicom-node evaluate``: run a model through the node's own inference code on labelled data and
+compare what it measures with the model card's ``[metrics]``.
+
+==========  ==========================================================  =========================
+kind        DATA                                                        measures
+==========  ==========================================================  =========================
+classifier  DICOM files + ``labels.csv`` (``file``, one 0/1 column per   accuracy, precision,
+            output name)                                                recall, F1, ROC AUC,
+                                                                        confusion matrix
+segmenter   one folder per case: its DICOM series + ``mask.npz``        Dice per case and mean
+enhancer    ``noisy/`` and ``clean/`` with the same file names          PSNR and SSIM, output and
+                                                                        noisy input vs clean
+report      not evaluated (its output is text; no reference to compare with here)
+==========  ==========================================================  =========================
+
+Modules: :mod:`.classifier`, :mod:`.segmenter`, :mod:`.enhancer` (one per kind), :mod:`.metrics`
+(numpy), :mod:`.plots` (matplotlib, Agg), :mod:`.progress` (rich, on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import DicomNodeError
+from dicom_node.infer.card import ModelCard
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an evaluation found."""
+
+    #: The table printed on stdout.
+    text: str
+    #: Every compared metric within its tolerance of the card's (True when nothing to compare).
+    agrees: bool
+    #: Everything measured, as written to metrics.json.
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: Files written under --out.
+    files: tuple[Path, ...] = ()
+
+
+def evaluate(card: ModelCard, model_dir: Path, data: Path, out: Path | None = None, *,
+             plots: bool = True, limit: int | None = None, progress: bool = True,
+             window: tuple[float, float] | None = None) -> Report:
+    """Evaluate ``card``'s model on ``data``; with ``out``, write metrics.json and the plots.
+
+    ``window`` (enhancers only): the modality-value window PSNR and SSIM are measured in.
+    """
+    if not data.is_dir():
+        raise DicomNodeError(f"{data}: not a folder")
+    if limit is not None and limit < 1:
+        raise DicomNodeError("--limit must be at least 1")
+    if out is None and plots:
+        plots = False  # nowhere to write them
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if card.kind == "classifier":
+        from dicom_node.evaluate.classifier import evaluate_classifier
+
+        report = evaluate_classifier(card, model_dir, data, out, plots=plots, limit=limit,
+                                     progress=progress)
+    elif card.kind == "segmenter":
+        from dicom_node.evaluate.segmenter import evaluate_segmenter
+
+        report = evaluate_segmenter(card, model_dir, data, out, plots=plots, limit=limit,
+                                    progress=progress)
+    elif card.kind == "enhancer":
+        from dicom_node.evaluate.enhancer import evaluate_enhancer
+
+        report = evaluate_enhancer(card, model_dir, data, out, plots=plots, limit=limit,
+                                   progress=progress, window=window)
+    else:
+        raise DicomNodeError(
+            f"model {card.name} is a {card.kind} model: evaluate measures classifiers, "
+            "segmenters and enhancers; a report model's text is evaluated by its own training "
+            "script (its card's [evaluation])")
+    if out is None:
+        return report
+    path = out / "metrics.json"
+    path.write_text(json.dumps(report.metrics, indent=2, allow_nan=True) + "\n",
+                    encoding="utf-8")
+    return Report(report.text + f"\nwrote {path}"
+                  + "".join(f"\nwrote {f}" for f in report.files),
+                  report.agrees, report.metrics, (path, *report.files))
+
+
+def header(card: ModelCard, data: Path, cases: int, skipped: list[str]) -> list[str]:
+    """The first lines of every report: model, data, cases, what the card measured on."""
+    lines = [f"{card.name} {card.version} ({card.kind}) on {data}: {cases} case(s)"
+             + (f", {len(skipped)} skipped" if skipped else "")]
+    lines += [f"  skipped: {reason}" for reason in skipped[:10]]
+    if len(skipped) > 10:
+        lines.append(f"  … and {len(skipped) - 10} more")
+    if card.metrics is not None:
+        lines.append(f"card: {card.metrics.split}, {card.metrics.samples} samples")
+    else:
+        lines.append("card: no [metrics] to compare with")
+    return lines
