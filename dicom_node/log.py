@@ -31,6 +31,20 @@ def drop_identifying_keys(
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of each write (pytest swaps it per test;
+    a file object bound once would be closed under the logger's feet)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: str = "info",
@@ -38,7 +52,8 @@ def configure_logging(
     process: str | None = None,
 ) -> None:
     """Configure structlog (and route the stdlib loggers of pynetdicom & co. through it)."""
-    stream = stream or sys.stderr
+    stream = stream if stream is not None else _CurrentStderr()  # type: ignore[assignment]
+    assert stream is not None
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

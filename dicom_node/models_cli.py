@@ -38,7 +38,7 @@ def _quiet_logging() -> None:
     """Warnings and errors of the runtime on stderr; stdout carries only the command's output."""
     from dicom_node.log import configure_logging
 
-    configure_logging("auto", "warning", stream=sys.stderr)
+    configure_logging("auto", "warning")
 
 
 def _optional_config(args: argparse.Namespace) -> Config | None:

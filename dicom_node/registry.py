@@ -127,6 +127,12 @@ def load_weights(entry: ModelEntry) -> str:
 
     if entry.card is None:
         raise DicomNodeError(f"{entry.folder}: the card does not validate")
+    from dicom_node.infer.card import ReportCard
+
+    if isinstance(entry.card, ReportCard):  # a sequence model: no image input shape to check
+        from dicom_node.infer.report import describe_network
+
+        return describe_network(entry.card, entry.folder)
     model = load_model(entry.card, entry.folder)
     return (f"weights loaded: input {tuple(model.input_shape)}, output "
             f"{tuple(model.output_shape)}, {int(model.count_params()):,} parameters")

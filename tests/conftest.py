@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from pydicom.data import get_testdata_file
 
 from dicom_node.config import Config, load_config
@@ -48,6 +49,15 @@ data_dir = "var"
 stable_after_seconds = {stable}
 sweep_interval_seconds = 0.2
 """
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Each test starts with structlog's defaults: a test that runs the CLI in-process configures
+    logging (level, output) for the whole interpreter."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
