@@ -247,3 +247,18 @@ def observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
             ),
         )
     )
+
+
+def state_deidentification(dataset: Dataset) -> None:
+    """A source marked Patient Identity Removed = YES without saying how makes the copied Patient
+    module incomplete (PS3.3 C.7.1.1: De-identification Method is Type 1C when it is YES)."""
+    removed = str(dataset.get("PatientIdentityRemoved", "")).upper() == "YES"
+    if removed and not dataset.get("DeidentificationMethod") \
+            and not dataset.get("DeidentificationMethodCodeSequence"):
+        dataset.DeidentificationMethod = "Not stated by the source instance"
+
+
+def finish_result(dataset: Dataset, timestamp: datetime) -> None:
+    """Last step of every builder: creation times from the job, Patient module complete."""
+    pin_creation_time(dataset, timestamp)
+    state_deidentification(dataset)

@@ -56,10 +56,10 @@ from dicom_node.encode.common import (
     LO_MAX,
     character_set,
     derived_uid,
+    finish_result,
     fit_lo,
     node_equipment,
     node_version,
-    pin_creation_time,
     select_sources,
     series_description,
 )
@@ -254,7 +254,7 @@ def _derived_instance(header: Dataset, source: Dataset, pixels: NDArray[Any],
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    pin_creation_time(ds, when)
+    finish_result(ds, when)
     return ds
 
 
@@ -270,10 +270,6 @@ def _fill_required(ds: Dataset, source: Dataset) -> None:
         ds.FrameOfReferenceUID = derived_uid(
             str(source.StudyInstanceUID), str(source.SeriesInstanceUID), "frame-of-reference"
         )
-    removed = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
-    if removed and not ds.get("DeidentificationMethod") \
-            and not ds.get("DeidentificationMethodCodeSequence"):
-        ds.DeidentificationMethod = "Not stated by the source instance"
 
 
 def _equipment(source: Dataset, when: datetime) -> list[Dataset]:

@@ -57,13 +57,13 @@ from dicom_node.encode.common import (
     ai_notice,
     character_set,
     derived_uid,
+    finish_result,
     fit_lo,
     header_copy,
     local_coding_schemes,
     node_equipment,
     node_version,
     observation_context,
-    pin_creation_time,
     select_sources,
     series_description,
 )
@@ -186,7 +186,7 @@ def build_nodule_sr(
         raise EncodeError(
             f"highdicom refused the nodule SR for model {model.name} {model.version}: {exc}"
         ) from exc
-    pin_creation_time(document, timestamp)
+    finish_result(document, timestamp)
     return document
 
 

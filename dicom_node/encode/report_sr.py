@@ -43,10 +43,10 @@ from dicom_node.encode.common import (
     ai_notice,
     character_set,
     device_uid,
+    finish_result,
     fit_lo,
     node_equipment,
     node_version,
-    pin_creation_time,
     select_sources,
     series_description,
 )
@@ -221,5 +221,5 @@ def build_report_sr(
             f"highdicom refused the report SR for model {model.name} {model.version}: {exc}"
         ) from exc
     document.CompletionFlagDescription = COMPLETION_DESCRIPTION
-    pin_creation_time(document, timestamp)
+    finish_result(document, timestamp)
     return document

@@ -43,11 +43,11 @@ from dicom_node.encode.common import (
     character_set,
     derived_uid,
     device_uid,
+    finish_result,
     fit_lo,
     local_coding_schemes,
     node_equipment,
     node_version,
-    pin_creation_time,
     select_sources,
     series_description,
 )
@@ -200,7 +200,7 @@ def build_segmentation(
     seg.ImageComments = notice
     _pin_source_frames(seg, result.frames, positions)
     _pin_dimension_organization(seg, uids)
-    pin_creation_time(seg, timestamp)
+    finish_result(seg, timestamp)
     return seg
 
 

@@ -47,12 +47,12 @@ from dicom_node.encode.common import (
     ai_notice,
     character_set,
     derived_uid,
+    finish_result,
     fit_lo,
     local_coding_schemes,
     node_equipment,
     node_version,
     observation_context,
-    pin_creation_time,
     select_sources,
     series_description,
 )
@@ -135,7 +135,7 @@ def build_classification_sr(
         raise EncodeError(
             f"highdicom refused the SR for model {model.name} {model.version}: {exc}"
         ) from exc
-    pin_creation_time(document, when)
+    finish_result(document, when)
     return document
 
 
