@@ -53,7 +53,7 @@ def test_valid_config_resolves_relative_paths_against_its_folder(tmp_path: Path)
 
 def test_shipped_config_is_valid() -> None:
     config = load_config(REPO / "config.toml")
-    assert config.routes[0].models == ("chest-xray-cnn",)
+    assert config.routes[0].models == ("chest-xray-cnn", "report-drafter")
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -319,9 +319,13 @@ class SegmentationSpec(_Section):
     #: In-plane pixel size (mm) slices are resampled to; the network sees a field of
     #: ``input.shape`` × this, centred on the image centre.
     pixel_spacing_mm: Annotated[float, Field(gt=0, le=50)] = 2.5
-    #: Neighbouring slices on each side given as extra channels (2.5-D):
+    #: Neighbouring planes on each side given as extra channels (2.5-D):
     #: ``input.channels = 2 × context_slices + 1``.
     context_slices: Annotated[int, Field(ge=0, le=1)] = 0
+    #: Where the neighbouring planes are: 0 = the adjacent slices; > 0 = planes interpolated
+    #: (linearly, between the two nearest slices) at ± this distance (mm) along the normal, so
+    #: that the network sees the same anatomy whatever the slice spacing.
+    context_mm: Annotated[float, Field(ge=0, le=100)] = 0.0
     #: 3-D connected regions smaller than this (mm³) are dropped.
     min_region_volume_mm3: Annotated[float, Field(ge=0)] = 0.0
     #: A series with fewer frames than this is refused.
