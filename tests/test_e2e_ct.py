@@ -86,8 +86,10 @@ def test_chest_ct_comes_back_with_seg_nodule_sr_report_and_denoised_series(
 
     def arrived() -> bool:
         found = _series_by_modality(pacs, source.StudyInstanceUID)
+        derived = [s for s in found.get("CT", [])
+                   if s["MainDicomTags"]["SeriesInstanceUID"] != source.SeriesInstanceUID]
         return ("SEG" in found and len(found.get("SR", [])) == 2
-                and len(found.get("CT", [])) == 2)
+                and len(derived) == 1 and len(derived[0]["Instances"]) == len(files))
 
     wait_until(arrived, 300, "SEG, nodule SR, report SR and the derived CT series")
     found = _series_by_modality(pacs, source.StudyInstanceUID)

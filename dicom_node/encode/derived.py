@@ -86,10 +86,10 @@ _DROPPED = (
     "SeriesDescriptionCodeSequence", "OriginalAttributesSequence", "DigitalSignaturesSequence",
     "EncryptedAttributesSequence", "HL7StructuredDocumentReferenceSequence",
 )
-#: Type 2 / 2C attributes of the modules written here, added empty when the source lacks them.
+#: Type 2 attributes of the modules written here, added empty when the source lacks them.
+#: (Laterality is Type 2C — only for a paired body part — so it is copied, never invented.)
 _TYPE2 = (
-    "PatientPosition", "Laterality", "PositionReferenceIndicator", "AcquisitionNumber",
-    "SliceThickness",
+    "PatientPosition", "PositionReferenceIndicator", "AcquisitionNumber", "SliceThickness",
 )
 #: Type 2 attributes of the CT Image module (PS3.3 C.8.2.1).
 _CT_TYPE2 = ("KVP",)
@@ -262,6 +262,10 @@ def _fill_required(ds: Dataset, source: Dataset) -> None:
     for keyword in _TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, None)
+    # Laterality (Type 2C) is needed for a paired body part: with none stated it is unknown
+    # (present, empty); with one stated (CHEST, HEAD …) an invented empty value is an error.
+    if "Laterality" not in ds and not ds.get("BodyPartExamined"):
+        ds.Laterality = None
     if str(ds.SOPClassUID) == _CT_IMAGE_STORAGE:
         for keyword in _CT_TYPE2:
             if keyword not in ds:
