@@ -6,14 +6,17 @@ A card says what a model is (name, version, kind, manufacturer, intended use), w
 :class:`ModelCard`; the part that depends on ``kind`` is a discriminated union on that key:
 
 - ``classifier``  — :class:`ClassifierCard`: one probability per coded finding, with a threshold.
-- ``segmenter``   — :class:`SegmenterCard`: one probability map per coded segment.
+- ``segmenter``   — :class:`SegmenterCard`: one probability map per coded segment; its
+  ``[segmentation]`` says how slices are resampled and stacked (2.5-D) and which regions are
+  kept, its ``[metrics]`` give Dice, detection and volume error per segment (runtime:
+  :mod:`dicom_node.infer.segment`).
 - ``enhancer``    — :class:`EnhancerCard`: an image in, an image (a derived series) out; its
   ``[enhancement]`` says how modality values are scaled and tiled, its ``[metrics]`` give PSNR
   and SSIM of input and output per held-out set (runtime: :mod:`dicom_node.infer.enhance`).
 - ``report``      — :class:`ReportCard`: coded observations written into a report.
 
-Only classifiers have a runtime so far (:func:`dicom_node.infer.runtime.classify`); the other
-kinds validate so that their cards can be written and checked ahead of their runtimes.
+Runtimes: :func:`dicom_node.infer.runtime.classify` for classifiers, and the modules named
+above; a card validates on its own, so that it can be written and checked ahead of a runtime.
 
 A card that does not validate raises :class:`~dicom_node.errors.ConfigError` whose message names
 the file and every offending key, e.g. ``models/x/model.toml: outputs[0].threshold: Input should
