@@ -23,6 +23,7 @@ from copy import deepcopy
 from datetime import datetime
 from functools import cache
 from importlib import metadata
+from typing import Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -31,7 +32,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
 from dicom_node.errors import EncodeError
-from dicom_node.messages import ModelIdentity
+from dicom_node.messages import ModelIdentity, ResultUIDs
 
 #: Maximum length of an LO value such as Series Description (PS3.5 Table 6.2-1).
 LO_MAX = 64
@@ -262,3 +263,53 @@ def finish_result(dataset: Dataset, timestamp: datetime) -> None:
     """Last step of every builder: creation times from the job, Patient module complete."""
     pin_creation_time(dataset, timestamp)
     state_deidentification(dataset)
+
+
+def enhanced_sr(
+    evidence: Sequence[Dataset],
+    content: Any,
+    model: ModelIdentity,
+    uids: ResultUIDs,
+    *,
+    description: str,
+    timestamp: datetime,
+    complete: bool,
+    added_text: Iterable[str],
+    schemes: Iterable[str] = (),
+    what: str = "SR",
+) -> Dataset:
+    """An Enhanced SR document of one of the node's results (PS3.3 A.35.2): the SR Document
+    General module as every result SR writes it — UNVERIFIED, PRELIMINARY, the model as
+    manufacturer and software version, "dicom-node <version>" among the Software Versions (the
+    receiver recognises its own results by it), the job's timestamp everywhere."""
+    try:
+        document = hd.sr.EnhancedSR(
+            evidence=list(evidence),
+            content=content,
+            series_instance_uid=uids.series_instance_uid,
+            series_number=uids.series_number,
+            sop_instance_uid=uids.sop_instance_uid,
+            instance_number=1,
+            manufacturer=fit_lo(model.manufacturer),
+            manufacturer_model_name=fit_lo(model.name),
+            software_versions=[fit_lo(model.version), fit_lo(f"dicom-node {node_version()}")],
+            series_description=description,
+            is_complete=complete,
+            is_final=False,
+            is_verified=False,
+            content_date=timestamp.date(),
+            content_time=timestamp.time(),
+            series_date=timestamp.date(),
+            series_time=timestamp.time(),
+            contributing_equipment=[node_equipment(timestamp)],
+            coding_schemes=local_coding_schemes(schemes) or None,
+            specific_character_set=character_set(
+                list(added_text), evidence[0].get("SpecificCharacterSet")),
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise EncodeError(
+            f"highdicom refused the {what} for model {model.name} {model.version}: {exc}"
+        ) from exc
+    finish_result(document, timestamp)
+    result: Dataset = document
+    return result

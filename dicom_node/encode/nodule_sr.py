@@ -55,14 +55,9 @@ from pydicom.uid import SegmentationStorage
 
 from dicom_node.encode.common import (
     ai_notice,
-    character_set,
     derived_uid,
-    finish_result,
-    fit_lo,
+    enhanced_sr,
     header_copy,
-    local_coding_schemes,
-    node_equipment,
-    node_version,
     observation_context,
     select_sources,
     series_description,
@@ -155,39 +150,15 @@ def build_nodule_sr(
             imaging_measurements=groups,
         )
         report[0].ContentSequence.append(_comments(comments))
-        evidence = [*headers, header_copy(seg)] if seg is not None else list(headers)
-        document = hd.sr.EnhancedSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=uids.series_instance_uid,
-            series_number=uids.series_number,
-            sop_instance_uid=uids.sop_instance_uid,
-            instance_number=1,
-            manufacturer=fit_lo(model.manufacturer),
-            manufacturer_model_name=fit_lo(model.name),
-            software_versions=[fit_lo(model.version), fit_lo(f"dicom-node {node_version()}")],
-            series_description=description,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            content_date=timestamp.date(),
-            content_time=timestamp.time(),
-            series_date=timestamp.date(),
-            series_time=timestamp.time(),
-            contributing_equipment=[node_equipment(timestamp)],
-            coding_schemes=local_coding_schemes(
-                c.scheme for pair in result.segments for c in pair
-            ) or None,
-            specific_character_set=character_set(
-                added_text, headers[0].get("SpecificCharacterSet")
-            ),
-        )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodeError(
             f"highdicom refused the nodule SR for model {model.name} {model.version}: {exc}"
         ) from exc
-    finish_result(document, timestamp)
-    return document
+    evidence = [*headers, header_copy(seg)] if seg is not None else list(headers)
+    return enhanced_sr(evidence, report, model, uids, description=description,
+                       timestamp=timestamp, complete=True, added_text=added_text,
+                       schemes=(c.scheme for pair in result.segments for c in pair),
+                       what="nodule SR")
 
 
 def _check_seg(seg: Dataset, result: SegmentationResult, source: Dataset) -> None:

@@ -41,12 +41,8 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.encode.common import (
     ai_notice,
-    character_set,
     device_uid,
-    finish_result,
-    fit_lo,
-    node_equipment,
-    node_version,
+    enhanced_sr,
     select_sources,
     series_description,
 )
@@ -193,33 +189,8 @@ def build_report_sr(
     added_text = [notice, description, draft.findings, draft.impression,
                   sources_statement(findings), check_statement(draft), model.name,
                   model.version, model.manufacturer]
-    try:
-        document = hd.sr.EnhancedSR(
-            evidence=headers,
-            content=root,
-            series_instance_uid=uids.series_instance_uid,
-            series_number=uids.series_number,
-            sop_instance_uid=uids.sop_instance_uid,
-            instance_number=1,
-            manufacturer=fit_lo(model.manufacturer),
-            manufacturer_model_name=fit_lo(model.name),
-            software_versions=[fit_lo(model.version), fit_lo(f"dicom-node {node_version()}")],
-            series_description=description,
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            content_date=timestamp.date(),
-            content_time=timestamp.time(),
-            series_date=timestamp.date(),
-            series_time=timestamp.time(),
-            contributing_equipment=[node_equipment(timestamp)],
-            specific_character_set=character_set(
-                added_text, headers[0].get("SpecificCharacterSet")),
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodeError(
-            f"highdicom refused the report SR for model {model.name} {model.version}: {exc}"
-        ) from exc
+    document = enhanced_sr(headers, root, model, uids, description=description,
+                           timestamp=timestamp, complete=False, added_text=added_text,
+                           what="report SR")
     document.CompletionFlagDescription = COMPLETION_DESCRIPTION
-    finish_result(document, timestamp)
     return document

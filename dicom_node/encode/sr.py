@@ -45,13 +45,8 @@ from pydicom import Dataset
 
 from dicom_node.encode.common import (
     ai_notice,
-    character_set,
     derived_uid,
-    finish_result,
-    fit_lo,
-    local_coding_schemes,
-    node_equipment,
-    node_version,
+    enhanced_sr,
     observation_context,
     select_sources,
     series_description,
@@ -107,36 +102,13 @@ def build_classification_sr(
     ]
     try:
         report = _measurement_report(result, uids, headers, notice)
-        document = hd.sr.EnhancedSR(
-            evidence=headers,
-            content=report,
-            series_instance_uid=uids.series_instance_uid,
-            series_number=uids.series_number,
-            sop_instance_uid=uids.sop_instance_uid,
-            instance_number=1,
-            manufacturer=fit_lo(model.manufacturer),
-            manufacturer_model_name=fit_lo(model.name),
-            software_versions=[fit_lo(model.version), fit_lo(f"dicom-node {node_version()}")],
-            series_description=description,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            content_date=when.date(),
-            content_time=when.time(),
-            series_date=when.date(),
-            series_time=when.time(),
-            contributing_equipment=[node_equipment(when)],
-            coding_schemes=local_coding_schemes(f.concept.scheme for f in result.findings) or None,
-            specific_character_set=character_set(
-                added_text, headers[0].get("SpecificCharacterSet")
-            ),
-        )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(
             f"highdicom refused the SR for model {model.name} {model.version}: {exc}"
         ) from exc
-    finish_result(document, when)
-    return document
+    return enhanced_sr(headers, report, model, uids, description=description, timestamp=when,
+                       complete=True, added_text=added_text,
+                       schemes=(f.concept.scheme for f in result.findings))
 
 
 def _check_findings(findings: Sequence[Finding]) -> None:
