@@ -19,11 +19,14 @@ CHEST_ROUTE = {"name": "chest radiographs", "match": {"Modality": ["CR", "DX"]},
                "models": ["chest-xray-cnn"], "send_to": ["pacs"]}
 
 
-def _pacs_with_node(orthanc_factory: Callable[..., OrthancServer],
-                    node_factory: Callable[..., NodeProcess], role: str = "serve",
-                    **node_kwargs: object) -> tuple[OrthancServer, NodeProcess]:
-    node = node_factory(role, start=False, models=[CHEST_MODEL], routes=[CHEST_ROUTE],
-                        **node_kwargs)
+def pacs_with_node(orthanc_factory: Callable[..., OrthancServer],
+                   node_factory: Callable[..., NodeProcess], role: str = "serve", *,
+                   models: list[dict[str, str]] | None = None,
+                   routes: list[dict[str, object]] | None = None,
+                   **node_kwargs: object) -> tuple[OrthancServer, NodeProcess]:
+    """Orthanc as the PACS, auto-forwarding to a node that sends its results back to it."""
+    node = node_factory(role, start=False, models=models or [CHEST_MODEL],
+                        routes=routes or [CHEST_ROUTE], **node_kwargs)
     pacs = orthanc_factory(modalities={"node": (node.ae_title, "127.0.0.1", node.port)},
                            stable_age=1, lua=auto_forward_lua("node"))
     node.document["destinations"] = [{"name": "pacs", "ae_title": pacs.ae_title,
@@ -41,7 +44,7 @@ def _sr_series(pacs: OrthancServer, study_uid: str) -> list[dict[str, object]]:
 def test_forwarded_chest_cr_comes_back_as_a_valid_sr_in_the_same_study(
         orthanc_factory: Callable[..., OrthancServer],
         node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    pacs, node = _pacs_with_node(orthanc_factory, node_factory)
+    pacs, node = pacs_with_node(orthanc_factory, node_factory)
     chest = sample_file("RG1_UNCR.dcm")
     source = dcmread(chest, stop_before_pixels=True)
     sent = dcmtk("storescu", "-aec", pacs.ae_title, "127.0.0.1", str(pacs.dicom_port), chest)

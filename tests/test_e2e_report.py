@@ -12,25 +12,13 @@ from pydicom import Dataset, dcmread
 
 from tests.conftest import sample_file
 from tests.dicom_tools import dciodvfy, dsrdump
-from tests.peers import NodeProcess, OrthancServer, auto_forward_lua, dcmtk, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL
+from tests.peers import NodeProcess, OrthancServer, dcmtk, wait_until
+from tests.test_e2e_orthanc import CHEST_MODEL, pacs_with_node
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_MODEL = {"name": "report-drafter", "path": str(REPO / "models" / "report-drafter")}
 ROUTE = {"name": "chest radiographs with report", "match": {"Modality": ["CR", "DX"]},
          "models": ["chest-xray-cnn", "report-drafter"], "send_to": ["pacs"]}
-
-
-def _pacs_with_node(orthanc_factory: Callable[..., OrthancServer],
-                    node_factory: Callable[..., NodeProcess]) -> tuple[OrthancServer, NodeProcess]:
-    """As tests/test_e2e_orthanc.py, with both models on one route."""
-    node = node_factory("serve", start=False, models=[CHEST_MODEL, REPORT_MODEL], routes=[ROUTE])
-    pacs = orthanc_factory(modalities={"node": (node.ae_title, "127.0.0.1", node.port)},
-                           stable_age=1, lua=auto_forward_lua("node"))
-    node.document["destinations"] = [{"name": "pacs", "ae_title": pacs.ae_title,
-                                      "host": "127.0.0.1", "port": pacs.dicom_port}]
-    node.document["jobs"] = {"poll_seconds": 0.2, "retry_base_seconds": 1}
-    return pacs, node.start()
 
 
 def _sr_series(pacs: OrthancServer, study_uid: str) -> list[dict[str, object]]:
@@ -51,7 +39,8 @@ def _texts(items: list[Dataset], name: str) -> list[str]:
 def test_route_with_classifier_and_drafter_sends_both_srs_into_the_study(
         orthanc_factory: Callable[..., OrthancServer],
         node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    pacs, node = _pacs_with_node(orthanc_factory, node_factory)
+    pacs, node = pacs_with_node(orthanc_factory, node_factory,
+                                models=[CHEST_MODEL, REPORT_MODEL], routes=[ROUTE])
     chest = sample_file("RG1_UNCR.dcm")
     source = dcmread(chest, stop_before_pixels=True)
     sent = dcmtk("storescu", "-aec", pacs.ae_title, "127.0.0.1", str(pacs.dicom_port), chest)
