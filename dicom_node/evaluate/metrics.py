@@ -96,6 +96,14 @@ def binary_metrics(y: BoolArray, p: FloatArray, threshold: float) -> dict[str, f
     }
 
 
+def best_threshold(y: BoolArray, p: FloatArray) -> float:
+    """The threshold (0.05 … 0.95, step 0.01) with the best F1; the lowest such on ties (how
+    the shipped classifiers' train.py scripts choose theirs on the validation split)."""
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
+    scores = [binary_metrics(y, p, float(t))["f1"] for t in grid]
+    return float(grid[int(np.argmax(scores))])
+
+
 def standard_error(metric: str, expected: float, c: Confusion) -> float:
     """Standard error of ``metric`` measured on the cases of ``c`` if its true value were
     ``expected`` (the card's): binomial for the rates, Hanley & McNeil (1982) for ROC AUC.

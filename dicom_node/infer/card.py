@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -292,6 +292,18 @@ def _unique_names(names: list[str]) -> None:
         raise ValueError(f"output names must be unique; repeated: {', '.join(repeated)}")
 
 
+def _check_output_names(names: list[str], metrics: Any) -> None:
+    """Output names are unique, and the card's per-output metrics name only real outputs."""
+    _unique_names(names)
+    if metrics is not None:
+        unknown = sorted(set(metrics.per_output) - set(names))
+        if unknown:
+            raise ValueError(
+                f"metrics.per_output names outputs that do not exist: {', '.join(unknown)} "
+                f"(outputs: {', '.join(names)})"
+            )
+
+
 class ClassifierCard(ModelCard):
     """A classifier: one sigmoid probability per output, in the order of ``outputs``."""
 
@@ -300,15 +312,7 @@ class ClassifierCard(ModelCard):
 
     @model_validator(mode="after")
     def _outputs_consistent(self) -> ClassifierCard:
-        names = [o.name for o in self.outputs]
-        _unique_names(names)
-        if self.metrics is not None:
-            unknown = sorted(set(self.metrics.per_output) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"metrics.per_output names outputs that do not exist: {', '.join(unknown)} "
-                    f"(outputs: {', '.join(names)})"
-                )
+        _check_output_names([o.name for o in self.outputs], self.metrics)
         return self
 
 
@@ -376,15 +380,7 @@ class SegmenterCard(ModelCard):
 
     @model_validator(mode="after")
     def _outputs_consistent(self) -> SegmenterCard:
-        names = [o.name for o in self.outputs]
-        _unique_names(names)
-        if self.metrics is not None:
-            unknown = sorted(set(self.metrics.per_output) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"metrics.per_output names outputs that do not exist: {', '.join(unknown)} "
-                    f"(outputs: {', '.join(names)})"
-                )
+        _check_output_names([o.name for o in self.outputs], self.metrics)
         channels = 2 * self.segmentation.context_slices + 1
         if self.input.channels != channels:
             raise ValueError(

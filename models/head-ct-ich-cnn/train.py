@@ -75,6 +75,8 @@ sys.path.insert(1, str(HERE.parent.parent))  # dicom_node, when the project is n
 
 from synthetic import FINDINGS, KINDS, make_dataset, with_bleed  # noqa: E402
 
+from dicom_node.evaluate import metrics  # noqa: E402
+
 NAME = "head-ct-ich-cnn"
 VERSION = "1.0.0"
 SEED = 20250214
@@ -289,43 +291,16 @@ def predict(model: Any, hu: np.ndarray) -> np.ndarray:
 # --- metrics ----------------------------------------------------------------------------------
 
 
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve as the Mann–Whitney U statistic, ties counted half."""
-    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-    n_pos = float(y.sum())
-    n_neg = float(len(y) - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 at ``threshold``, ROC AUC, and the class counts."""
-    pred = p >= threshold
-    pos = y == 1
-    tp = float(np.sum(pred & pos))
-    fp = float(np.sum(pred & ~pos))
-    fn = float(np.sum(~pred & pos))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": float(np.mean(pred == pos)),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "roc_auc": roc_auc(y, p),
-        "positives": int(pos.sum()),
-        "negatives": int((~pos).sum()),
-    }
+    """Accuracy, precision, recall, F1 at ``threshold``, ROC AUC (dicom_node.evaluate.metrics,
+    the same code ``dicom-node evaluate`` runs), and the class counts."""
+    pos = np.asarray(y) == 1
+    return {**metrics.binary_metrics(pos, p, threshold),
+            "positives": int(pos.sum()), "negatives": int((~pos).sum())}
 
 
 def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The threshold (0.05 … 0.95, step 0.01) with the best F1; the lowest such on ties."""
-    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
-    scores = [binary_metrics(y, p, float(t))["f1"] for t in grid]
-    return float(grid[int(np.argmax(scores))])
+    return metrics.best_threshold(np.asarray(y) == 1, p)
 
 
 def breakdown(y: np.ndarray, p: np.ndarray, kinds: list[str], threshold: float) -> list[str]:
