@@ -89,6 +89,11 @@ class CompletionSection(_Section):
     stable_after_seconds: Seconds = 30.0
     #: How often the completion sweep looks for stable studies.
     sweep_interval_seconds: Seconds = 2.0
+    #: A stable study that still lacks what its MPPS or worklist order says to expect (a series
+    #: that never arrived, a procedure still in progress, a discontinued procedure): "hold" keeps
+    #: it unprocessed in state ``incomplete`` and reports it; "process" routes what arrived, with
+    #: a warning and a note on the study.
+    on_incomplete: Literal["hold", "process"] = "hold"
 
 
 class JobsSection(_Section):
@@ -114,6 +119,63 @@ class JobsSection(_Section):
 class LoggingSection(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _check_code_string(value: str) -> str:
+    """A CS value (PS3.5): upper-case letters, digits, space and underscore, ≤ 16 characters."""
+    if not re.fullmatch(r"[A-Z0-9 _]{1,16}", value):
+        raise ValueError(f"{value!r} is not a DICOM code string (A–Z, 0–9, space, underscore; "
+                         f"at most 16 characters)")
+    return value
+
+
+CodeString = Annotated[str, AfterValidator(_check_code_string)]
+
+
+class WorklistFilter(_Section):
+    """What the node asks the RIS for (the C-FIND identifier's matching keys)."""
+
+    #: Scheduled Station AE Title (0040,0001) of the steps to fetch, e.g. the node's modalities.
+    scheduled_station_ae_title: AETitle | None = None
+    scheduled_station_name: str | None = Field(default=None, min_length=1, max_length=16)
+    #: Modality (0008,0060) of the scheduled procedure step, e.g. "CT".
+    modality: CodeString | None = None
+    #: The Scheduled Procedure Step Start Date range: today minus days_before to today plus
+    #: days_after.
+    days_before: Annotated[int, Field(ge=0, le=60)] = 1
+    days_after: Annotated[int, Field(ge=0, le=60)] = 1
+
+
+class WorklistSection(_Section):
+    """The RIS's Modality Worklist SCP, queried by C-FIND (docs/worklist.md)."""
+
+    enabled: bool = True
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+    #: Our AE title on the query association (default: node.ae_title).
+    calling_ae_title: AETitle | None = None
+    poll_seconds: Seconds = 60.0
+    #: A worklist SCP that does not answer within this long counts as down for this poll.
+    timeout_seconds: Seconds = 10.0
+    #: Scheduled steps not returned by the RIS for this long are removed from the database.
+    keep_days: Annotated[int, Field(ge=1, le=365)] = 7
+    #: Patient + modality + date matching: the step's scheduled date may be this many days
+    #: from the Study Date (0: the same day).
+    match_days: Annotated[int, Field(ge=0, le=7)] = 0
+    filter: WorklistFilter = WorklistFilter()
+
+
+class MppsSection(_Section):
+    """The node as a Modality Performed Procedure Step SCP on its own AE (docs/mpps.md)."""
+
+    enabled: bool = True
+    #: A DISCONTINUED step's study: "hold" (state incomplete, reported) or "process" what
+    #: arrived of its performed series.
+    on_discontinued: Literal["hold", "process"] = "hold"
+    #: A step still IN PROGRESS this long after its last update no longer holds its study back
+    #: (the modality never sent the final N-SET); the stable-age timer decides again.
+    in_progress_timeout_seconds: Seconds = 14_400.0
 
 
 class Destination(_Section):
@@ -152,10 +214,30 @@ class RegexMatch(_Section):
 MatchValue = str | RegexMatch | list[str | RegexMatch]
 
 
+#: Keys of a route's ``order`` table: attributes of the worklist order matched to the study.
+ORDER_KEYS = (
+    "RequestedProcedureCode",          # Code Value in Requested Procedure Code Sequence
+    "RequestedProcedureCodeMeaning",
+    "RequestedProcedureDescription",
+    "RequestedProcedureID",
+    "ScheduledProtocolCode",           # Code Value in Scheduled Protocol Code Sequence
+    "ScheduledProtocolCodeMeaning",
+    "ScheduledProcedureStepDescription",
+    "ScheduledProcedureStepID",
+    "ScheduledStationAETitle",
+    "ScheduledStationName",
+    "Modality",                        # of the scheduled procedure step
+    "MatchMethod",                     # how the order was matched: study_uid, accession, ...
+)
+
+
 class Route(_Section):
     name: str = Field(min_length=1, max_length=128)
     #: DICOM keyword (or CallingAETitle) → accepted values. Keys AND, values OR.
     match: dict[str, MatchValue] = Field(default_factory=dict)
+    #: Worklist order attribute (ORDER_KEYS) → accepted values; ANDed with ``match``. A route
+    #: with order keys never fires for a study without a matched order.
+    order: dict[str, MatchValue] = Field(default_factory=dict)
     models: tuple[str, ...] = Field(min_length=1)
     send_to: tuple[str, ...] = Field(min_length=1)
 
@@ -170,9 +252,18 @@ class Route(_Section):
                 )
         return value
 
-    def accepted(self, key: str) -> tuple[str | RegexMatch, ...]:
-        """The accepted values for one match key, as a tuple."""
-        value = self.match[key]
+    @field_validator("order")
+    @classmethod
+    def _order_keys_exist(cls, value: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        for key in value:
+            if key not in ORDER_KEYS:
+                raise ValueError(f"{key!r} is not a worklist order key (one of "
+                                 f"{', '.join(ORDER_KEYS)})")
+        return value
+
+    def accepted(self, key: str, table: str = "match") -> tuple[str | RegexMatch, ...]:
+        """The accepted values for one key of ``match`` (or ``order``), as a tuple."""
+        value = (self.order if table == "order" else self.match)[key]
         return tuple(value) if isinstance(value, list) else (value,)
 
 
@@ -185,6 +276,10 @@ class Config(_Section):
     destinations: tuple[Destination, ...] = ()
     models: tuple[ModelRef, ...] = ()
     routes: tuple[Route, ...] = ()
+    #: Modality Worklist query (absent: the node does not know about orders).
+    worklist: WorklistSection | None = None
+    #: MPPS SCP (absent: studies complete by the stable-age timer only).
+    mpps: MppsSection | None = None
     #: Where the file was read from (set by load_config; not a key of the file).
     source: Path | None = Field(default=None, exclude=True)
 
@@ -208,6 +303,9 @@ class Config(_Section):
                 if name not in model_names:
                     problems.append(f"routes[{i}].models: unknown model {name!r} "
                                     f"(defined: {', '.join(sorted(model_names)) or 'none'})")
+            if route.order and (self.worklist is None or not self.worklist.enabled):
+                problems.append(f"routes[{i}].order: matches on worklist orders, but no "
+                                f"[worklist] section is enabled")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -36,6 +36,7 @@ def utcnow() -> datetime:
 
 class StudyState(enum.StrEnum):
     RECEIVING = "receiving"      # instances arriving; waiting to be stable
+    INCOMPLETE = "incomplete"    # stable, but what its MPPS/order expects has not all arrived
     ROUTED = "routed"            # complete; jobs created
     UNROUTED = "unrouted"        # complete; no route matched (kept, logged)
     DONE = "done"                # every job of this generation finished
@@ -122,6 +123,72 @@ class Job(Base):
     waits_for_siblings: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The findings of a done job, as JSON (messages.findings_to_json).
     findings: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ScheduledStep(Base):
+    """One Scheduled Procedure Step of the Modality Worklist, as the RIS last returned it."""
+
+    __tablename__ = "scheduled_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: Identity of the step across polls (see worklist.order.step_key).
+    key: Mapped[str] = mapped_column(String(256), unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    #: Used only to match a study (patient + modality + date); never logged.
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    scheduled_station_ae_title: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    scheduled_start: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    #: The worklist item as DICOM JSON (PS3.18 F.2): the order's other attributes.
+    item_json: Mapped[str] = mapped_column(Text)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class StudyOrder(Base):
+    """The scheduled step a study was matched to, and how (worklist.match)."""
+
+    __tablename__ = "study_orders"
+
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), primary_key=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("scheduled_steps.id", ondelete="CASCADE"))
+    #: "study_uid", "accession" or "patient_modality_date".
+    method: Mapped[str] = mapped_column(String(32))
+    matched_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class PerformedStep(Base):
+    """One Modality Performed Procedure Step instance (the node is the MPPS SCP)."""
+
+    __tablename__ = "performed_steps"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: "IN PROGRESS", "COMPLETED" or "DISCONTINUED".
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    station_ae_title: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    #: JSON {series_instance_uid: [sop_instance_uid, ...]} from the Performed Series Sequence;
+    #: an empty list means the series' images were not listed.
+    performed_series: Mapped[str] = mapped_column(Text, default="{}")
+    #: Code meaning of the Discontinuation Reason Code Sequence, if any.
+    discontinuation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The MPPS instance's attributes (after every N-SET) as DICOM JSON.
+    attributes_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class PerformedStudy(Base):
+    """Which studies an MPPS instance is about (Scheduled Step Attributes Sequence)."""
+
+    __tablename__ = "performed_studies"
+
+    mpps_uid: Mapped[str] = mapped_column(
+        ForeignKey("performed_steps.sop_instance_uid", ondelete="CASCADE"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -43,6 +43,8 @@ _TOUCH_STUDY = text(
     "last_received_at = CASE WHEN :own THEN last_received_at ELSE :now END "
     "WHERE study_instance_uid = :study"
 ).bindparams(bindparam("now", type_=DateTime()), bindparam("own", type_=Boolean()))
+_RESUME_STUDY = text(
+    "UPDATE studies SET state = :state, note = :note WHERE study_instance_uid = :study")
 _REOPEN_STUDY = text(
     "UPDATE studies SET state = :state, generation = generation + 1, completed_at = NULL, "
     "note = :note WHERE study_instance_uid = :study")
@@ -67,14 +69,16 @@ def record_instance(
 ) -> StoredInstance:
     """Index one stored instance and update its study, in one transaction.
 
-    A new instance for a study in a processed state reopens it: back to RECEIVING with its
-    generation incremented, so it is completed and routed again once stable (documented in
-    docs/receiving.md). A re-sent instance (a SOP Instance UID already indexed) replaces or keeps
-    the file per ``on_duplicate`` but does not reopen a processed study — a PACS re-forwarding a
-    whole study must not make the node process it again. ``own_result`` (an object this node
-    made, forwarded back to it by a PACS) is indexed but never restarts the study's clock or
-    reopens it — no result loops. With ``update_existing`` False (``on_duplicate = "keep"``
-    threw the new copy away) the index keeps describing the kept file.
+    A new instance for a study held as ``incomplete`` puts it back to RECEIVING (same
+    generation: nothing was processed). A new instance for a study in a processed state reopens
+    it: back to RECEIVING with its generation incremented, so it is completed and routed again
+    once stable (documented in docs/receiving.md). A re-sent instance (a SOP Instance UID
+    already indexed) replaces or keeps the file per ``on_duplicate`` but does not reopen a
+    processed study — a PACS re-forwarding a whole study must not make the node process it
+    again. ``own_result`` (an object this node made, forwarded back to it by a PACS) is indexed
+    but never restarts the study's clock or reopens it — no result loops. With
+    ``update_existing`` False (``on_duplicate = "keep"`` threw the new copy away) the index
+    keeps describing the kept file.
     """
     now = received_at or utcnow()
     ids = {"study": study_instance_uid, "sop": sop_instance_uid}
@@ -95,6 +99,11 @@ def record_instance(
         conn.execute(_TOUCH_STUDY, {**ids, "added": 0 if existing else 1, "own": own_result,
                                     "now": now})
         reopened = not existing and not own_result and StudyState(state) in PROCESSED_STATES
+        if not existing and not own_result and StudyState(state) == StudyState.INCOMPLETE:
+            # A study held as incomplete gets what it was missing (perhaps): judge it again.
+            conn.execute(_RESUME_STUDY, {**ids, "state": StudyState.RECEIVING.value,
+                                         "note": "was incomplete; an instance arrived at "
+                                                 f"{now.isoformat()}Z"})
         if reopened:
             conn.execute(_REOPEN_STUDY, {**ids, "state": StudyState.RECEIVING.value,
                                          "note": f"reopened by a late instance at "

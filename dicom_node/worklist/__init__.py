@@ -1,0 +1,1 @@
+"""Order awareness: the Modality Worklist (RIS orders) and how studies are matched to them."""
