@@ -153,7 +153,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     for row in rows:
         row["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(row["jobs"].items())) or "-"
     _print_rows(rows, ["study_instance_uid", "state", "generation", "instances",
-                       "last_received_at", "jobs", "note"], args.json)
+                       "last_received_at", "jobs", "order", "note"], args.json)
     return 0
 
 
@@ -169,43 +169,58 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with sessions() as session:
         rows = queue.list_jobs(session, args.state, args.limit)
     _print_rows(rows, ["id", "study_instance_uid", "generation", "route", "model",
-                       "model_version", "state",
-                       "attempts", "delivered", "last_error"], args.json)
+                       "model_version", "state", "attempts", "delivered", "order",
+                       "last_error"], args.json)
     return 0
 
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
+    from dicom_node.complete import force
     from dicom_node.store.index import reprocess
 
     config = _load(args)
-    done = reprocess(_sessions(config), args.studies)
+    sessions = _sessions(config)
+    forced = [uid for uid in args.studies if force(config, sessions, uid)]
+    done = reprocess(sessions, [uid for uid in args.studies if uid not in forced])
     for uid in args.studies:
-        outcome = ("reopened; routed again at the next completion sweep" if uid in done
+        outcome = ("was incomplete; routed now with what arrived" if uid in forced
+                   else "reopened; routed again at the next completion sweep" if uid in done
                    else "not processed yet, or unknown: left alone")
         print(f"{uid}: {outcome}")
-    return 0 if len(done) == len(args.studies) else 1
+    return 0 if len(done) + len(forced) == len(args.studies) else 1
 
 
 def cmd_route(args: argparse.Namespace) -> int:
     from dicom_node.route import route_study, summarize_files
     from dicom_node.send.scu import expand_paths
+    from dicom_node.worklist.match import find_step
+    from dicom_node.worklist.order import Order, item_from_json, order_from_item
 
     config = _load(args)
     target = Path(args.study)
+    sessions = _sessions(config)
     if target.exists():
         summary = summarize_files(expand_paths([target]), args.calling_ae or ())
     else:
         from dicom_node.complete import summarize_stored_study
 
-        with _sessions(config)() as session:
+        with sessions() as session:
             summary = summarize_stored_study(session, config.node.data_dir, args.study)
         if summary.instance_count == 0:
             raise DicomNodeError(f"{args.study}: neither a folder nor a stored study UID")
     print(f"study {summary.study_instance_uid}: {summary.instance_count} instance(s), "
           f"{summary.series_count} series, modalities "
           f"{', '.join(sorted(summary.values.get('Modality', ()))) or '-'}")
+    order: Order | None = None
+    if config.worklist is not None and config.worklist.enabled:
+        with sessions() as session:  # the same rules as completion; nothing is recorded
+            found = find_step(session, summary, config.worklist.match_days)
+        if found is not None:
+            order = order_from_item(item_from_json(found[0].item_json), found[0].id, found[1])
+        print("worklist order: " + (f"matched by {order.method}, accession "
+                                    f"{order.accession_number or '-'}" if order else "none"))
     fired = 0
-    for decision in route_study(summary, config.routes):
+    for decision in route_study(summary, config.routes, order):
         fired += decision.fires
         verdict = "FIRES" if decision.fires else "does not fire"
         print(f"route {decision.route.name!r}: {verdict}"

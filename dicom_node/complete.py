@@ -1,7 +1,23 @@
 """Study completion: when a study is whole, route it and create its jobs.
 
-Policy (today): *stable age* — a study is complete ``completion.stable_after_seconds`` after its
-last instance arrived. The sweep runs on an APScheduler interval in the receiver process.
+The policy, in the order it is applied at every sweep (docs/receiving.md, "When is a study
+complete?"):
+
+1. **MPPS** (when ``[mpps]`` is on): a study whose Modality Performed Procedure Steps are all
+   final (COMPLETED, or DISCONTINUED with ``mpps.on_discontinued = "process"``) is complete as
+   soon as every performed series they list has arrived — every listed instance, or at least one
+   instance of a series listed without its images. No waiting for the timer.
+2. **Stable age** (the fallback): a study is complete ``completion.stable_after_seconds`` after
+   its last instance arrived, unless something expected is missing: a step still IN PROGRESS
+   (for up to ``mpps.in_progress_timeout_seconds``), a DISCONTINUED step (``on_discontinued =
+   "hold"``), performed series or instances that never arrived, or the modality its worklist order
+   scheduled. Such a study is **incomplete**: with ``completion.on_incomplete = "hold"`` it is kept
+   unprocessed in state ``incomplete`` and reported once (``study_incomplete``); whatever arrives
+   later (an instance, an MPPS update) is judged again at the next sweep. ``"process"`` routes
+   what arrived, with a warning. ``dicom-node reprocess`` forces an incomplete study through.
+
+Each study is matched to its worklist order (dicom_node.worklist.match) before it is routed, so
+routes can match on the order.
 
 An instance that arrives after its study was processed reopens it (see store.index): the study goes
 back to ``receiving`` with its generation incremented, becomes complete again once stable, and is
@@ -16,6 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config
@@ -24,10 +41,24 @@ from dicom_node.jobs.queue import create_jobs
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
 from dicom_node.route import RouteDecision, route_study, summarize
-from dicom_node.store.db import Instance, Study, StudyState, utcnow
-from dicom_node.store.index import stable_studies, study_instances
+from dicom_node.store.db import (
+    Instance,
+    Job,
+    PerformedStep,
+    PerformedStudy,
+    Study,
+    StudyState,
+    utcnow,
+)
+from dicom_node.store.index import PROCESSED_STATES, study_instances
+from dicom_node.worklist.match import match_study, order_for_study
+from dicom_node.worklist.order import Order
 
 log = get_logger()
+
+FINAL_MPPS = ("COMPLETED", "DISCONTINUED")
+#: Longest study note kept (the reasons of an incomplete study).
+NOTE_LIMIT = 2000
 
 
 @dataclass(frozen=True)
@@ -35,6 +66,19 @@ class _Snapshot:
     study_uid: str
     generation: int
     last_received_at: datetime
+    state: StudyState
+    note: str | None
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether a study is complete now, by which policy, and what it still lacks."""
+
+    ready: bool
+    #: "mpps" or "stable_age" (empty while neither applies yet).
+    policy: str
+    #: What is expected and missing (empty when ready).
+    missing: tuple[str, ...] = ()
 
 
 def summarize_stored_study(session: Session, data_dir: Path, study_uid: str) -> StudySummary:
@@ -68,25 +112,147 @@ def _report_models(config: Config) -> frozenset[str]:
     return frozenset(names)
 
 
+def _mpps_on(config: Config) -> bool:
+    return config.mpps is not None and config.mpps.enabled
+
+
+def judge(session: Session, config: Config, study_uid: str, *, stable: bool,
+          order: Order | None, now: datetime) -> Readiness:
+    """Apply the completion policy to a study from the index alone (no file is read)."""
+    rows = session.execute(
+        select(Instance.series_instance_uid, Instance.sop_instance_uid, Instance.modality)
+        .where(Instance.study_instance_uid == study_uid)).all()
+    series_present = {r[0] for r in rows}
+    sops_present = {r[1] for r in rows}
+    missing: list[str] = []
+    counted = []
+    if config.mpps is not None and config.mpps.enabled:
+        from dicom_node.mpps.store import performed_steps_for_study
+
+        stale = timedelta(seconds=config.mpps.in_progress_timeout_seconds)
+        for step in performed_steps_for_study(session, study_uid):
+            if step.status == "IN PROGRESS":
+                if now - step.updated_at <= stale:
+                    missing.append(f"procedure step {step.sop_instance_uid} is still in "
+                                   f"progress (MPPS)")
+            elif step.status == "DISCONTINUED" and config.mpps.on_discontinued == "hold":
+                missing.append(f"procedure step {step.sop_instance_uid} was discontinued "
+                               f"({step.discontinuation_reason or 'no reason given'})")
+            else:
+                counted.append(step)
+        for step in counted:
+            for series, sops in step.performed_series.items():
+                if sops:
+                    absent = [s for s in sops if s not in sops_present]
+                    if absent:
+                        missing.append(f"series {series}: {len(absent)} of {len(sops)} "
+                                       f"instances listed by MPPS have not arrived")
+                elif series not in series_present:
+                    missing.append(f"series {series} listed by MPPS has not arrived")
+        if counted and not missing:
+            return Readiness(True, "mpps")
+    if not stable:
+        return Readiness(False, "", tuple(missing))
+    modalities = {r[2] for r in rows}
+    if order is not None and order.modality and order.modality not in modalities:
+        missing.append(f"the worklist order schedules modality {order.modality}; no instance "
+                       f"of it arrived")
+    return Readiness(not missing, "stable_age", tuple(missing))
+
+
+def _candidates(session: Session, config: Config, cutoff: datetime) -> list[_Snapshot]:
+    """Studies to judge: stable ones, ones with a final MPPS, and the incomplete ones."""
+    conditions = [
+        (Study.state == StudyState.RECEIVING) & (Study.last_received_at <= cutoff),
+        Study.state == StudyState.INCOMPLETE,
+    ]
+    if _mpps_on(config):
+        final = (select(PerformedStudy.study_instance_uid)
+                 .join(PerformedStep,
+                       PerformedStep.sop_instance_uid == PerformedStudy.mpps_uid)
+                 .where(PerformedStep.status.in_(FINAL_MPPS)))
+        conditions.append((Study.state == StudyState.RECEIVING)
+                          & Study.study_instance_uid.in_(final))
+    return [_Snapshot(s.study_instance_uid, s.generation, s.last_received_at, s.state, s.note)
+            for s in session.scalars(select(Study).where(or_(*conditions))
+                                     .order_by(Study.last_received_at))]
+
+
 def sweep(config: Config, sessions: sessionmaker[Session], now: datetime | None = None) -> int:
-    """Complete every stable study; returns how many were completed."""
+    """Judge every candidate study; complete (route) the ready ones, hold the incomplete ones.
+    Returns how many were completed."""
     now = now or utcnow()
-    stable_after = timedelta(seconds=config.completion.stable_after_seconds)
+    cutoff = now - timedelta(seconds=config.completion.stable_after_seconds)
     with sessions() as session:
-        snapshots = [_Snapshot(s.study_instance_uid, s.generation, s.last_received_at)
-                     for s in stable_studies(session, stable_after, now)]
+        snapshots = _candidates(session, config, cutoff)
     completed = 0
     for snap in snapshots:
-        with sessions() as session:
-            summary = summarize_stored_study(session, config.node.data_dir, snap.study_uid)
-        decisions = route_study(summary, config.routes)
-        if _commit_completion(config, sessions, snap, summary, decisions):
-            completed += 1
+        try:
+            completed += _consider(config, sessions, snap, now, cutoff)
+        except Exception:  # one bad study must not stop the others; the next sweep retries it
+            log.exception("completion_failed", study_uid=snap.study_uid)
     return completed
 
 
+def _consider(config: Config, sessions: sessionmaker[Session], snap: _Snapshot,
+              now: datetime, cutoff: datetime) -> bool:
+    stable = snap.last_received_at <= cutoff or snap.state == StudyState.INCOMPLETE
+    with sessions() as session:
+        held_order = order_for_study(session, snap.study_uid) \
+            if snap.state == StudyState.INCOMPLETE else None
+        readiness = judge(session, config, snap.study_uid, stable=stable, order=held_order,
+                          now=now)
+        if not readiness.ready and not stable:
+            return False  # an MPPS says what to expect and it is still arriving
+        if (snap.state == StudyState.INCOMPLETE and not readiness.ready
+                and config.completion.on_incomplete == "hold"
+                and _incomplete_note(readiness) == snap.note):
+            return False  # held, and nothing it waits for has changed
+        summary = summarize_stored_study(session, config.node.data_dir, snap.study_uid)
+        order = match_study(session, config, summary)
+        session.commit()
+        if order is not None and snap.state == StudyState.RECEIVING:
+            readiness = judge(session, config, snap.study_uid, stable=stable, order=order,
+                              now=now)
+    if readiness.ready:
+        return _commit_completion(config, sessions, snap, summary,
+                                  route_study(summary, config.routes, order), readiness.policy,
+                                  order)
+    if config.completion.on_incomplete == "process":
+        return _commit_completion(config, sessions, snap, summary,
+                                  route_study(summary, config.routes, order), "stable_age",
+                                  order, missing=readiness.missing)
+    _hold(sessions, snap, summary, readiness)
+    return False
+
+
+def _incomplete_note(readiness: Readiness) -> str:
+    return ("incomplete: " + "; ".join(readiness.missing))[:NOTE_LIMIT]
+
+
+def _hold(sessions: sessionmaker[Session], snap: _Snapshot, summary: StudySummary,
+          readiness: Readiness) -> None:
+    """Keep a stable study unprocessed as incomplete; report it when that starts or changes."""
+    note = _incomplete_note(readiness)
+    if snap.state == StudyState.INCOMPLETE and snap.note == note:
+        return
+    with sessions.begin() as session:
+        study = session.get(Study, snap.study_uid, with_for_update=True)
+        if (study is None or study.state != snap.state or study.generation != snap.generation
+                or study.last_received_at != snap.last_received_at):
+            return
+        study.state = StudyState.INCOMPLETE
+        study.note = note
+    log.warning("study_incomplete", study_uid=snap.study_uid, generation=snap.generation,
+                instances=summary.instance_count, series=summary.series_count,
+                missing=list(readiness.missing),
+                action="held unprocessed; it is judged again when anything arrives "
+                       "(dicom-node reprocess forces it through)")
+
+
 def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _Snapshot,
-                       summary: StudySummary, decisions: list[RouteDecision]) -> bool:
+                       summary: StudySummary, decisions: list[RouteDecision], policy: str,
+                       order: Order | None, missing: tuple[str, ...] = ()) -> bool:
     now = utcnow()
     fired = [d for d in decisions if d.fires]
     bound = log.bind(study_uid=snap.study_uid, generation=snap.generation)
@@ -95,7 +261,7 @@ def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _S
         # second waits, then sees it routed). SQLite's BEGIN IMMEDIATE already serialises them.
         study = session.get(Study, snap.study_uid, with_for_update=True)
         # An instance that arrived while we summarized restarts the clock: try again later.
-        if (study is None or study.state != StudyState.RECEIVING
+        if (study is None or study.state != snap.state
                 or study.generation != snap.generation
                 or study.last_received_at != snap.last_received_at):
             return False
@@ -106,11 +272,18 @@ def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _S
             jobs += create_jobs(session, study, decision.route.name, decision.route.models,
                                 decision.route.send_to, now, waiting)
         study.state = StudyState.ROUTED if jobs else StudyState.UNROUTED
-        study.note = None if jobs else "no route matched"
+        notes = ([] if jobs else ["no route matched"]) + (
+            ["processed although incomplete: " + "; ".join(missing)] if missing else [])
+        study.note = "; ".join(notes)[:NOTE_LIMIT] or None
     modalities = sorted(summary.values.get("Modality", frozenset()))
+    if missing:
+        bound.warning("study_processed_incomplete", missing=list(missing),
+                      reason="completion.on_incomplete = \"process\"")
     bound.info("study_completed", instances=summary.instance_count, series=summary.series_count,
-               modalities=modalities, policy="stable_age",
-               stable_after_seconds=config.completion.stable_after_seconds)
+               modalities=modalities, policy=policy,
+               stable_after_seconds=config.completion.stable_after_seconds,
+               order_match=order.method if order else None,
+               accession_number=order.accession_number if order else None)
     if fired:
         for decision in fired:
             bound.info("study_routed", route=decision.route.name,
@@ -119,4 +292,57 @@ def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _S
     else:
         bound.warning("study_unrouted", reason="no route matched; the study is kept",
                       routes={d.route.name: list(d.reasons) for d in decisions})
+    return True
+
+
+def force(config: Config, sessions: sessionmaker[Session], study_uid: str) -> bool:
+    """An administrator's ``reprocess`` of an incomplete study: route what arrived now."""
+    with sessions() as session:
+        study = session.get(Study, study_uid)
+        if study is None or study.state != StudyState.INCOMPLETE:
+            return False
+        snap = _Snapshot(study.study_instance_uid, study.generation, study.last_received_at,
+                         study.state, study.note)
+        summary = summarize_stored_study(session, config.node.data_dir, study_uid)
+        order = match_study(session, config, summary)
+        session.commit()
+    return _commit_completion(config, sessions, snap, summary,
+                              route_study(summary, config.routes, order), "forced", order)
+
+
+def route_late_order(config: Config, sessions: sessionmaker[Session], study_uid: str) -> bool:
+    """Catch-up after a worklist outage: match a processed study to its order now, and queue
+    the jobs of routes that match on the order and fire now. Routes on image tags already ran
+    and are not run twice. Returns whether an order was matched."""
+    with sessions() as session:
+        summary = summarize_stored_study(session, config.node.data_dir, study_uid)
+        order = match_study(session, config, summary)
+        session.commit()
+    if order is None:
+        return False
+    fired = [d for d in route_study(summary, config.routes, order) if d.fires and d.route.order]
+    now = utcnow()
+    queued: list[str] = []
+    with sessions.begin() as session:
+        study = session.get(Study, study_uid, with_for_update=True)
+        if study is None or study.state not in PROCESSED_STATES:
+            return True
+        existing = set(session.scalars(select(Job.route_name).where(
+            Job.study_instance_uid == study_uid, Job.generation == study.generation)))
+        waiting = _report_models(config)
+        for decision in fired:
+            if decision.route.name in existing:
+                continue
+            create_jobs(session, study, decision.route.name, decision.route.models,
+                        decision.route.send_to, now, waiting)
+            queued.append(decision.route.name)
+        if queued:
+            study.state = StudyState.ROUTED
+            study.note = None
+    bound = log.bind(study_uid=study_uid)
+    for decision in fired:
+        if decision.route.name in queued:
+            bound.info("study_routed", route=decision.route.name,
+                       models=list(decision.route.models), send_to=list(decision.route.send_to),
+                       reasons=list(decision.reasons), catch_up=True)
     return True

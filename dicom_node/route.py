@@ -2,7 +2,9 @@
 
 A route's ``match`` table maps a DICOM keyword (or ``CallingAETitle``) to accepted values. Keys are
 ANDed, values ORed; a value is an exact string or ``{ regex = "..." }`` (``re.search``). A route
-with an empty ``match`` accepts every study. ``dicom-node route --dry-run`` calls the same function.
+with an empty ``match`` accepts every study. Its ``order`` table does the same on the attributes
+of the worklist order matched to the study (config.ORDER_KEYS); a route with order keys never
+fires for a study without a matched order. ``dicom-node route --dry-run`` calls the same function.
 No user text is ever evaluated as code.
 """
 
@@ -19,6 +21,7 @@ from pydicom.multival import MultiValue
 from dicom_node.config import CALLING_AE_KEY, RegexMatch, Route
 from dicom_node.log import IDENTIFYING_KEYS
 from dicom_node.messages import StudySummary
+from dicom_node.worklist.order import Order
 
 
 @dataclass(frozen=True)
@@ -76,31 +79,47 @@ def _show(accepted: RegexMatch | str) -> str:
     return f"/{accepted.regex}/" if isinstance(accepted, RegexMatch) else repr(accepted)
 
 
-def evaluate_route(summary: StudySummary, route: Route) -> RouteDecision:
-    """Check one route's match keys against the study, keeping a reason for each key."""
+def _check(key: str, found: frozenset[str], accepted: tuple[RegexMatch | str, ...],
+           label: str) -> tuple[bool, str]:
+    hits = sorted(f for f in found if any(_accepts(a, f) for a in accepted))
+    # Reasons end up in logs: never spell out a value that identifies a patient.
+    hidden = key in IDENTIFYING_KEYS
+    wanted = "the configured value(s)" if hidden else " or ".join(map(_show, accepted))
+    if hits:
+        shown = "the value" if hidden else ", ".join(map(repr, hits))
+        return True, f"{label}{key}: {shown} matches {wanted}"
+    seen = ("the value" if hidden else ", ".join(map(repr, sorted(found)))) if found \
+        else "absent"
+    return False, f"{label}{key}: {seen} does not match {wanted}"
+
+
+def evaluate_route(summary: StudySummary, route: Route,
+                   order: Order | None = None) -> RouteDecision:
+    """Check one route's match and order keys against the study, keeping a reason for each."""
     reasons = []
     fires = True
     for key in route.match:
         found = summary.calling_ae_titles if key == CALLING_AE_KEY else summary.values.get(key,
                                                                                             frozenset())
-        accepted = route.accepted(key)
-        hits = sorted(f for f in found if any(_accepts(a, f) for a in accepted))
-        # Reasons end up in logs: never spell out a value that identifies a patient.
-        hidden = key in IDENTIFYING_KEYS
-        wanted = "the configured value(s)" if hidden else " or ".join(map(_show, accepted))
-        if hits:
-            shown = "the value" if hidden else ", ".join(map(repr, hits))
-            reasons.append(f"{key}: {shown} matches {wanted}")
-        else:
-            fires = False
-            seen = ("the value" if hidden else ", ".join(map(repr, sorted(found)))) if found \
-                else "absent"
-            reasons.append(f"{key}: {seen} does not match {wanted}")
-    if not route.match:
+        ok, reason = _check(key, found, route.accepted(key), "")
+        fires &= ok
+        reasons.append(reason)
+    if route.order and order is None:
+        fires = False
+        reasons.append("order: no worklist order is matched to the study")
+    elif route.order and order is not None:
+        values = order.route_values()
+        for key in route.order:
+            ok, reason = _check(key, values.get(key, frozenset()),
+                                route.accepted(key, "order"), "order.")
+            fires &= ok
+            reasons.append(reason)
+    if not route.match and not route.order:
         reasons.append("no match keys: accepts every study")
     return RouteDecision(route=route, fires=fires, reasons=tuple(reasons))
 
 
-def route_study(summary: StudySummary, routes: Sequence[Route]) -> list[RouteDecision]:
+def route_study(summary: StudySummary, routes: Sequence[Route],
+                order: Order | None = None) -> list[RouteDecision]:
     """Evaluate every route, in config order."""
-    return [evaluate_route(summary, route) for route in routes]
+    return [evaluate_route(summary, route, order) for route in routes]

@@ -25,7 +25,15 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node.config import JobsSection
 from dicom_node.messages import FindingRecord, findings_from_json, findings_to_json
-from dicom_node.store.db import Job, JobState, Study, StudyState, utcnow
+from dicom_node.store.db import (
+    Job,
+    JobState,
+    ScheduledStep,
+    Study,
+    StudyOrder,
+    StudyState,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -237,14 +245,30 @@ def create_jobs(session: Session, study: Study, route_name: str, models: Sequenc
 
 
 def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Jobs, newest first, with the worklist order matched to their study (for `dicom-node
+    jobs`): ``order`` is "<rule> <accession>", e.g. "accession A123", or "" when unmatched."""
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:
         query = query.where(Job.state == JobState(state))
+    jobs = list(session.scalars(query))
+    orders = study_order_labels(session, {job.study_instance_uid for job in jobs})
     return [{
         "id": job.id, "study_instance_uid": job.study_instance_uid,
         "generation": job.generation, "route": job.route_name, "model": job.model_name,
         "model_version": job.model_version or "", "state": job.state.value,
         "attempts": job.attempts, "destinations": job.destinations,
         "delivered": job.delivered, "not_before": job.not_before.isoformat(timespec="seconds"),
+        "order": orders.get(job.study_instance_uid, ""),
         "last_error": job.last_error or "",
-    } for job in session.scalars(query)]
+    } for job in jobs]
+
+
+def study_order_labels(session: Session, study_uids: set[str]) -> dict[str, str]:
+    """Study UID → "<match rule> <accession number>" of its matched worklist order."""
+    if not study_uids:
+        return {}
+    rows = session.execute(
+        select(StudyOrder.study_instance_uid, StudyOrder.method, ScheduledStep.accession_number)
+        .join(ScheduledStep, ScheduledStep.id == StudyOrder.step_id)
+        .where(StudyOrder.study_instance_uid.in_(sorted(study_uids)))).all()
+    return {uid: f"{method} {accession or '(no accession)'}" for uid, method, accession in rows}

@@ -18,6 +18,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config
+from dicom_node.encode.order import apply_order
 from dicom_node.errors import DicomNodeError, ModelError, PreprocessingError, SendError
 from dicom_node.jobs import queue
 from dicom_node.jobs.queue import ClaimedJob
@@ -33,6 +34,8 @@ from dicom_node.send.scu import send_files
 from dicom_node.store.index import study_instances
 from dicom_node.store.spool import write_file
 from dicom_node.uids import validate_uid
+from dicom_node.worklist.match import order_for_study
+from dicom_node.worklist.order import Order
 
 log = get_logger()
 
@@ -59,10 +62,14 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     return [dcmread(p, stop_before_pixels=headers_only) for p in paths]
 
 
-def _write_results(folder: Path, output: PipelineOutput, scratch: Path) -> list[Path]:
-    """Write the result objects, then findings.json last: its presence marks a complete set."""
+def _write_results(folder: Path, output: PipelineOutput, scratch: Path,
+                   order: Order | None = None, study_uid: str = "") -> list[Path]:
+    """Write the result objects (with the matched order's accession and request reference),
+    then findings.json last: its presence marks a complete set."""
     paths = []
     for dataset in output.objects:
+        if order is not None:
+            apply_order(dataset, order, study_uid)
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         path = folder / f"{validate_uid(dataset.SOPInstanceUID, 'result SOP Instance UID')}.dcm"
@@ -92,6 +99,7 @@ def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
                             headers_only=card.kind == "report")
     with sessions() as session:
         prior = queue.sibling_findings(session, job)
+        order = order_for_study(session, job.study_instance_uid)
     output = run_pipeline(card, model_ref.path, PipelineInput(
         study_instance_uid=job.study_instance_uid, generation=job.generation,
         route_name=job.route_name, sources=tuple(sources), prior_findings=prior,
@@ -99,7 +107,8 @@ def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     if not output.objects:
         raise ModelError(f"model {card.name} {card.version} produced no result object")
     bound.info("inference_done", kind=card.kind, objects=len(output.objects), **output.summary)
-    files = _write_results(folder, output, config.node.data_dir / "incoming")
+    files = _write_results(folder, output, config.node.data_dir / "incoming", order,
+                           job.study_instance_uid)
     return files, card.version, output.findings
 
 

@@ -156,9 +156,13 @@ def study_instances(session: Session, study_uid: str) -> Sequence[Instance]:
 
 def list_studies(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     """Studies with their state and job counts, newest first (for `dicom-node studies`)."""
+    from dicom_node.jobs.queue import study_order_labels
+
     rows = []
-    for study in session.scalars(
-            select(Study).order_by(Study.last_received_at.desc()).limit(limit)):
+    studies = list(session.scalars(
+        select(Study).order_by(Study.last_received_at.desc()).limit(limit)))
+    orders = study_order_labels(session, {s.study_instance_uid for s in studies})
+    for study in studies:
         counts = dict(session.execute(
             select(Job.state, func.count()).where(
                 Job.study_instance_uid == study.study_instance_uid,
@@ -167,6 +171,7 @@ def list_studies(session: Session, limit: int = 100) -> list[dict[str, Any]]:
             "study_instance_uid": study.study_instance_uid, "state": study.state.value,
             "generation": study.generation, "instances": study.instance_count,
             "last_received_at": study.last_received_at.isoformat(timespec="seconds"),
-            "jobs": {JobState(k).value: v for k, v in counts.items()}, "note": study.note or "",
+            "jobs": {JobState(k).value: v for k, v in counts.items()},
+            "order": orders.get(study.study_instance_uid, ""), "note": study.note or "",
         })
     return rows
