@@ -26,11 +26,15 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    Verification,
+)
 from sqlalchemy.engine import Engine
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
+from dicom_node.mpps.scp import mpps_handlers
 from dicom_node.receive import limits, polling
 from dicom_node.receive.status import EchoStatus
 from dicom_node.receive.store_handler import StoreContext, handle_store
@@ -64,6 +68,11 @@ def set_nodelay(event: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def mpps_enabled(config: Config) -> bool:
+    """Whether the config turns the MPPS SCP on (an [mpps] section with enabled = true)."""
+    return config.mpps is not None and config.mpps.enabled
+
+
 def _connection_limit(config: Config) -> int:
     node = config.node
     return node.max_connections or node.max_associations + 8
@@ -77,6 +86,9 @@ class Receiver:
                                     sessions=make_sessionmaker(engine))
         self._counts: Counter[int] = Counter()
         self._lock = threading.Lock()
+        #: The MPPS SCP is on or off for the life of the AE: its presentation context is part of
+        #: what the AE accepts at association time, so switching it needs a restart.
+        self.mpps = mpps_enabled(config)
         self.ae = self._make_ae(config)
         self._server: Any = None
 
@@ -86,6 +98,9 @@ class Receiver:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if self.mpps:
+            ae.add_supported_context(ModalityPerformedProcedureStep,
+                                     [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self._apply_limits(ae, config)
         return ae
 
@@ -128,6 +143,8 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        if self.mpps:
+            handlers.extend(mpps_handlers(self.context))
         self._server = self.ae.start_server(
             (config.node.bind, config.node.port), block=False, evt_handlers=handlers)
         self._cap = limits.cap_connections(self._server, _connection_limit(config))
@@ -159,6 +176,10 @@ class Receiver:
                     "acse_timeout_seconds", "dimse_timeout_seconds", "max_pdu_bytes",
                     "max_connections",
                     "on_duplicate")})})
+        if mpps_enabled(config) != self.mpps:
+            log.warning("restart_required", reason="[mpps] was turned "
+                        f"{'on' if mpps_enabled(config) else 'off'}; the MPPS SCP stays "
+                        f"{'on' if self.mpps else 'off'} until the receiver is restarted")
         self._apply_limits(self.ae, config)
         if self._server is not None:
             self._cap.limit = _connection_limit(config)
