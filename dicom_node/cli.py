@@ -281,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a stored Study Instance UID or a folder/file of DICOM")
     p.add_argument("--calling-ae", action="append", help="calling AE title to assume (folder)")
     p.set_defaults(func=cmd_route)
-    from dicom_node.models_cli import register
+    from dicom_node import models_cli, worklist_cli
 
-    register(sub)
+    models_cli.register(sub)
+    worklist_cli.register(sub)
     return parser
 
 

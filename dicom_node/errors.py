@@ -9,7 +9,8 @@
     ├── ModelError             a model could not be loaded or run
     │   └── PreprocessingError an image could not be turned into the model's input
     ├── EncodeError            a result could not be encoded as valid DICOM
-    └── SendError              a destination refused, or could not be reached
+    ├── SendError              a destination refused, or could not be reached
+    └── WorklistError          the Modality Worklist SCP refused, failed or could not be reached
 """
 
 from __future__ import annotations
@@ -45,3 +46,14 @@ class EncodeError(DicomNodeError):
 
 class SendError(DicomNodeError):
     """A C-STORE to a destination failed."""
+
+
+class WorklistError(DicomNodeError):
+    """A Modality Worklist query failed; the message names the SCP (AE@host:port) and why.
+
+    ``reason`` is the why alone (e.g. ``cannot connect: [Errno 111] Connection refused``), for
+    log events that name the SCP in fields of their own."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message

@@ -1,29 +1,41 @@
-"""APScheduler jobs of the receiver process: the completion sweep and the config watch."""
+"""APScheduler jobs of the receiver process: the completion sweep, the config watch and, with an
+enabled ``[worklist]`` section, the Modality Worklist poll."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import complete
-from dicom_node.config import Config
+from dicom_node.config import Config, WorklistSection
 from dicom_node.log import get_logger
+from dicom_node.worklist.refresh import WorklistPoller
 
 log = get_logger()
 
 CONFIG_POLL_SECONDS = 2.0
+WORKLIST_JOB = "worklist_poll"
+
+
+def _worklist(config: Config) -> WorklistSection | None:
+    """The worklist section when it is there and enabled."""
+    section = config.worklist
+    return section if section is not None and section.enabled else None
 
 
 class ReceiverScheduler:
     """Runs ``complete.sweep`` every ``completion.sweep_interval_seconds`` with the current
-    config, and polls the config file for changes."""
+    config, polls the config file for changes, and polls the Modality Worklist every
+    ``worklist.poll_seconds`` (the first poll at start)."""
 
     def __init__(self, config: Config, sessions: sessionmaker[Session],
                  check_config: Callable[[], object] | None = None) -> None:
         self.config = config
         self.sessions = sessions
+        self.worklist = WorklistPoller(sessions)
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(self._sweep, "interval", id="completion_sweep",
                                 seconds=config.completion.sweep_interval_seconds,
@@ -31,6 +43,9 @@ class ReceiverScheduler:
         if check_config is not None:
             self._scheduler.add_job(check_config, "interval", id="config_watch",
                                     seconds=CONFIG_POLL_SECONDS, max_instances=1, coalesce=True)
+        section = _worklist(config)
+        if section is not None:
+            self._add_worklist_job(section)
 
     def _sweep(self) -> None:
         try:
@@ -38,12 +53,43 @@ class ReceiverScheduler:
         except Exception:  # the next sweep retries; never kill the scheduler thread
             log.exception("completion_sweep_failed")
 
+    def _poll_worklist(self) -> None:
+        try:
+            self.worklist.poll(self.config)
+        except Exception:  # poll() does not raise; this is the last guard of the job thread
+            log.exception("worklist_poll_failed")
+
+    def _add_worklist_job(self, section: WorklistSection) -> None:
+        self._scheduler.add_job(self._poll_worklist, "interval", id=WORKLIST_JOB,
+                                seconds=section.poll_seconds, max_instances=1, coalesce=True,
+                                next_run_time=datetime.now(UTC))
+
     def reconfigure(self, config: Config) -> None:
         interval = config.completion.sweep_interval_seconds
         if interval != self.config.completion.sweep_interval_seconds:
             self._scheduler.reschedule_job("completion_sweep", trigger="interval",
                                            seconds=interval)
-        self.config = config
+        old, new = _worklist(self.config), _worklist(config)
+        self.config = config  # the next poll reads the new section
+        if old is None and new is not None:
+            self._add_worklist_job(new)
+            log.info("worklist_poll_scheduled", ae_title=new.ae_title,
+                     poll_seconds=new.poll_seconds)
+        elif old is not None and new is None:
+            self._scheduler.remove_job(WORKLIST_JOB)
+            log.info("worklist_poll_stopped")
+        elif old is not None and new is not None and old != new:
+            # A changed RIS address or filter is queried at once, then every poll_seconds.
+            self._scheduler.reschedule_job(WORKLIST_JOB, trigger="interval",
+                                           seconds=new.poll_seconds)
+            self._scheduler.modify_job(WORKLIST_JOB, next_run_time=datetime.now(UTC))
+            log.info("worklist_poll_rescheduled", ae_title=new.ae_title,
+                     poll_seconds=new.poll_seconds)
+
+    def worklist_poll_seconds(self) -> float | None:
+        """The worklist poll's interval; None when no poll is scheduled."""
+        job = self._scheduler.get_job(WORKLIST_JOB)
+        return None if job is None else float(job.trigger.interval.total_seconds())
 
     def start(self) -> None:
         self._scheduler.start()

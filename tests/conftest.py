@@ -77,4 +77,4 @@ def receiver(node_config: Config) -> Iterator[Receiver]:
         rx.stop()
 
 
-pytest_plugins = ["tests.peers"]
+pytest_plugins = ["tests.peers", "tests.worklist_peer"]
