@@ -9,7 +9,8 @@ send          C-STORE files or folders to a configured destination
 studies       list studies and their state
 jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
 route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
-reprocess     route processed studies again with the current config (a new generation)
+reprocess     route processed studies again (a new generation), or an incomplete one now
+worklist      query the RIS's Modality Worklist now and list the stored scheduled steps
 models        list, show or validate model cards (``models validate`` exits 2 on a mistake)
 doctor        check versions, devices, database, data folder, disk space and models
 evaluate      reproduce a model card's metrics on labelled data (``evaluate MODEL DATA``)
