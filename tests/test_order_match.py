@@ -16,6 +16,7 @@ from dicom_node.messages import StudySummary
 from dicom_node.route import route_study
 from dicom_node.store.db import Study, make_engine, make_sessionmaker
 from dicom_node.worklist.match import match_study, order_for_study
+from tests.dicom_tools import dciodvfy
 from tests.order_data import add_step, add_study, worklist_item
 
 BASE = {
@@ -182,3 +183,25 @@ def test_results_carry_the_accession_and_the_request(tmp_path: Path) -> None:
     assert (attributes.RequestedProcedureID, attributes.ScheduledProcedureStepID) == ("RP-1",
                                                                                        "SPS-1")
     assert "ReferencedRequestSequence" not in seg
+
+
+def test_seg_sr_and_derived_images_with_the_order_stay_valid_dicom(tmp_path: Path) -> None:
+    """The order attributes are written where each IOD has them: dciodvfy finds no error."""
+    from tests.test_encode_derived import build, read
+    from tests.test_encode_seg import build_both, single_frames, write
+
+    config = _config(tmp_path)
+    sessions = make_sessionmaker(make_engine(config.database.url))
+    add_step(sessions, worklist_item(accession="ACC-7", study_uid="1.2.3"))
+    with sessions() as session:
+        order = match_study(session, config, _summary())
+    assert order is not None
+    seg, sr = build_both(*single_frames())
+    (derived, *_) = build(read("CT_small.dcm"))
+    for name, dataset in (("seg", seg), ("sr", sr), ("derived", derived)):
+        apply_order(dataset, order, str(dataset.StudyInstanceUID))
+        report = dciodvfy(write(dataset, tmp_path / f"{name}.dcm"))
+        assert report.errors == (), f"{name}: {report.output}"
+        assert dataset.AccessionNumber == "ACC-7"
+    assert "ReferencedRequestSequence" in sr and "RequestAttributesSequence" in seg
+    assert derived.RequestAttributesSequence[0].RequestedProcedureID == "RP-1"
