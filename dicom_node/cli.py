@@ -11,6 +11,7 @@ jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
 route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
 reprocess     route processed studies again (a new generation), or an incomplete one now
 worklist      query the RIS's Modality Worklist now and list the stored scheduled steps
+mpps          list the performed procedure steps modalities reported (MPPS)
 models        list, show or validate model cards (``models validate`` exits 2 on a mistake)
 doctor        check versions, devices, database, data folder, disk space and models
 evaluate      reproduce a model card's metrics on labelled data (``evaluate MODEL DATA``)
@@ -175,6 +176,22 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mpps(args: argparse.Namespace) -> int:
+    from dicom_node.mpps.store import list_performed_steps
+
+    config = _load(args)
+    with _sessions(config)() as session:
+        rows = list_performed_steps(session, args.limit)
+    for row in rows:
+        row["study_uids"] = ",".join(row["study_uids"])
+        for key in ("created_at", "updated_at"):
+            row[key] = row[key].isoformat(timespec="seconds")
+    _print_rows(rows, ["sop_instance_uid", "status", "modality", "station_ae_title",
+                       "study_uids", "series", "instances", "updated_at",
+                       "discontinuation_reason"], args.json)
+    return 0
+
+
 def cmd_reprocess(args: argparse.Namespace) -> int:
     from dicom_node.complete import force
     from dicom_node.store.index import reprocess
@@ -272,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+    p = with_config(sub.add_parser(
+        "mpps", help="list the performed procedure steps modalities reported (MPPS)"))
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mpps)
     p = with_config(sub.add_parser(
         "reprocess", help="route processed studies again (new generation, new results)"))
     p.add_argument("studies", nargs="+", metavar="STUDY_UID")

@@ -12,6 +12,7 @@ sending MPPS, storescu sending images, Orthanc as the PACS.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,10 @@ def test_mpps_completed_makes_a_study_complete_within_seconds_despite_a_300_s_ti
     assert elapsed < 10, f"completed {elapsed:.1f} s after the N-SET"
     (study,) = node.studies()
     assert study["state"] == "routed"
+    listed = node.cli("mpps", "--json", check=True)
+    (step,) = json.loads(listed.stdout)
+    assert (step["sop_instance_uid"], step["status"], step["instances"]) == (mpps_uid,
+                                                                           "COMPLETED", 5)
 
 
 @pytest.mark.slow
