@@ -191,6 +191,21 @@ def check_models(config: Config, load: bool) -> list[Check]:
     return checks
 
 
+def check_worklist(config: Config) -> Check | None:
+    """Query the worklist once (what the receiver's poll does), when one is configured."""
+    section = config.worklist
+    if section is None or not section.enabled:
+        return None
+    from dicom_node.worklist.query import query_worklist
+
+    try:
+        items = query_worklist(section, config.node.ae_title)
+    except DicomNodeError as exc:
+        return Check("worklist", "FAIL", str(exc))
+    return Check("worklist", "ok", f"{section.ae_title}@{section.host}:{section.port}: "
+                 f"{len(items)} scheduled step(s) for the configured filter")
+
+
 def run_checks(config_path: str | Path, load: bool = False) -> list[Check]:
     """Every check, in order; the config-dependent ones only when the config validates."""
     checks = check_python()
@@ -205,6 +220,9 @@ def run_checks(config_path: str | Path, load: bool = False) -> list[Check]:
     checks.append(check_database(config))
     checks += check_data_dir(config)
     checks.append(check_tools())
+    worklist = check_worklist(config)
+    if worklist is not None:
+        checks.append(worklist)
     checks += check_models(config, load)
     return checks
 

@@ -439,3 +439,20 @@ def test_worklist_command_without_a_worklist_section_exits_2(tmp_path: Path) -> 
 
     assert done.returncode == 2
     assert "no [worklist] section" in done.stderr
+
+
+def test_doctor_queries_the_worklist_and_names_it_when_it_is_down(worklist_scp: WorklistSCP,
+                                                                  tmp_path: Path) -> None:
+    from dicom_node.doctor import check_worklist
+
+    worklist_scp.add("one", accession="ACC-DOC")
+    config = _config(tmp_path, worklist_scp.section())
+    check = check_worklist(config)
+    assert check is not None and (check.name, check.status) == ("worklist", "ok")
+    assert "1 scheduled step(s)" in check.detail
+    worklist_scp.stop()
+    check = check_worklist(config)
+    assert check is not None and check.status == "FAIL"
+    assert f"127.0.0.1:{worklist_scp.port}" in check.detail
+    (tmp_path / "none").mkdir()
+    assert check_worklist(_config(tmp_path / "none", None)) is None
