@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from dicom_node.encode.common import node_version
 from dicom_node.encode.report_sr import ADDED_PREFIX, DRAFT_TITLE, build_report_sr
 from dicom_node.errors import EncodeError
-from dicom_node.infer.report import Consistency, ReportDraft, check_and_repair
+from dicom_node.infer.report_check import Consistency, ReportDraft, check_and_repair
 from dicom_node.messages import CodedConcept, FindingRecord, Measurement, ModelIdentity
 from dicom_node.uids import result_uids
 from tests.dicom_tools import dciodvfy, dsrdump

@@ -14,20 +14,17 @@ from pydicom.data import get_testdata_file
 from dicom_node.errors import ModelError
 from dicom_node.infer import report
 from dicom_node.infer.card import ReportCard, load_card
-from dicom_node.infer.report import (
+from dicom_node.infer.report import NO_FINDINGS_TEXT, describe_network, draft_report
+from dicom_node.infer.report_check import (
     LEXICONS,
-    NO_FINDINGS_TEXT,
     check,
     check_and_repair,
-    concept_table,
-    describe_network,
-    draft_report,
-    encode_input,
     expectations,
     find_mentions,
     finish_draft,
-    tokenize,
 )
+from dicom_node.infer.report_input import concept_table, encode_input
+from dicom_node.infer.report_tokens import tokenize
 from dicom_node.messages import CodedConcept, FindingRecord, Measurement, PipelineInput
 from dicom_node.pipelines import run_pipeline
 from dicom_node.pipelines.report import study_context

@@ -47,7 +47,7 @@ from dicom_node.encode.common import (
     series_description,
 )
 from dicom_node.errors import EncodeError
-from dicom_node.infer.report import ReportDraft
+from dicom_node.infer.report_check import ReportDraft
 from dicom_node.messages import FindingRecord, ModelIdentity, ResultUIDs
 
 #: TID 2000 row 1, from CID 7000 "Diagnostic Imaging Report Document Title".

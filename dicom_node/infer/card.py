@@ -191,7 +191,7 @@ class SegmentOutput(_Section):
 class ReportOutput(_Section):
     """One ``[[outputs]]`` entry of a report model: a coded observation it may write.
 
-    ``name`` selects the observation's phrase lexicon in :mod:`dicom_node.infer.report` (the
+    ``name`` selects the observation's phrase lexicon in :mod:`dicom_node.infer.report_check` (the
     consistency check finds mentions of it in the text with that lexicon).
     """
 

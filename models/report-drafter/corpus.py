@@ -16,8 +16,8 @@ is used. A case has
   findings do not give. Numbers, locations and unknown names are slots (``<f2.diam>``) that
   dicom_node.infer.report fills from the findings.
 
-The source side is made by dicom_node.infer.report.encode_input, the function the node runs, so
-training and inference see the same tokens and the same slot numbering.
+The source side is made by dicom_node.infer.report_input.encode_input, the function the node
+runs, so training and inference see the same tokens and the same slot numbering.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dicom_node.infer.report import (
+from dicom_node.infer.report_input import (
     CARDIOMEGALY,
     EFFUSION,
     HEMORRHAGE,

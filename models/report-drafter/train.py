@@ -40,20 +40,21 @@ sys.path.insert(1, str(HERE.parent.parent))  # dicom_node, when the project is n
 import numpy as np  # noqa: E402
 from corpus import ALIASES, CODES, TABLE, Case, make_cases  # noqa: E402
 
-from dicom_node.infer.report import (  # noqa: E402
+from dicom_node.infer.report import build_network, generate  # noqa: E402
+from dicom_node.infer.report_check import (  # noqa: E402
+    check,
+    expectations,
+    finish_draft,
+    slot_check,
+)
+from dicom_node.infer.report_tokens import (  # noqa: E402
     BOS,
     EOS,
     IMP,
     PAD,
     UNK,
-    build_network,
-    check,
     detokenize,
-    expectations,
-    finish_draft,
-    generate,
     render,
-    slot_check,
     tokenize,
 )
 from dicom_node.messages import FindingRecord  # noqa: E402
