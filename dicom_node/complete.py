@@ -117,7 +117,8 @@ def _mpps_on(config: Config) -> bool:
 
 
 def judge(session: Session, config: Config, study_uid: str, *, stable: bool,
-          order: Order | None, now: datetime) -> Readiness:
+          order: Order | None, now: datetime, last_received_at: datetime | None = None
+          ) -> Readiness:
     """Apply the completion policy to a study from the index alone (no file is read)."""
     rows = session.execute(
         select(Instance.series_instance_uid, Instance.sop_instance_uid, Instance.modality)
@@ -130,6 +131,7 @@ def judge(session: Session, config: Config, study_uid: str, *, stable: bool,
         from dicom_node.mpps.store import performed_steps_for_study
 
         stale = timedelta(seconds=config.mpps.in_progress_timeout_seconds)
+        quiet_for = config.mpps.unlisted_series_quiet_seconds
         for step in performed_steps_for_study(session, study_uid):
             if step.status == "IN PROGRESS":
                 if now - step.updated_at <= stale:
@@ -149,6 +151,11 @@ def judge(session: Session, config: Config, study_uid: str, *, stable: bool,
                                        f"instances listed by MPPS have not arrived")
                 elif series not in series_present:
                     missing.append(f"series {series} listed by MPPS has not arrived")
+                elif not stable and (last_received_at is None or now - last_received_at
+                                     < timedelta(seconds=quiet_for)):
+                    # Listed without its images: the study must also have gone quiet.
+                    missing.append(f"series {series} (listed by MPPS without its images) "
+                                   f"may still be arriving")
         if counted and not missing:
             return Readiness(True, "mpps")
     if not stable:
@@ -201,7 +208,7 @@ def _consider(config: Config, sessions: sessionmaker[Session], snap: _Snapshot,
         held_order = order_for_study(session, snap.study_uid) \
             if snap.state == StudyState.INCOMPLETE else None
         readiness = judge(session, config, snap.study_uid, stable=stable, order=held_order,
-                          now=now)
+                          now=now, last_received_at=snap.last_received_at)
         if not readiness.ready and not stable:
             return False  # an MPPS says what to expect and it is still arriving
         if (snap.state == StudyState.INCOMPLETE and not readiness.ready
@@ -213,7 +220,7 @@ def _consider(config: Config, sessions: sessionmaker[Session], snap: _Snapshot,
         session.commit()
         if order is not None and snap.state == StudyState.RECEIVING:
             readiness = judge(session, config, snap.study_uid, stable=stable, order=order,
-                              now=now)
+                              now=now, last_received_at=snap.last_received_at)
     if readiness.ready:
         return _commit_completion(config, sessions, snap, summary,
                                   route_study(summary, config.routes, order), readiness.policy,

@@ -176,6 +176,10 @@ class MppsSection(_Section):
     #: A step still IN PROGRESS this long after its last update no longer holds its study back
     #: (the modality never sent the final N-SET); the stable-age timer decides again.
     in_progress_timeout_seconds: Seconds = 14_400.0
+    #: A performed series listed without its images (an empty Referenced Image Sequence) counts
+    #: as arrived once it has an instance and the study has had none for this long: its size is
+    #: unknown, so the first instance alone must not complete the study.
+    unlisted_series_quiet_seconds: Seconds = 10.0
 
 
 class Destination(_Section):

@@ -193,3 +193,15 @@ def test_without_mpps_or_worklist_the_stable_age_timer_alone_decides(tmp_path: P
     _mpps(config, study, "COMPLETED")  # stored, but [mpps] is off: ignored
     assert complete.sweep(config, sessions) == 0
     assert complete.sweep(config, sessions, now=utcnow() + timedelta(seconds=STABLE + 1)) == 1
+
+
+def test_series_listed_without_images_complete_once_the_study_is_quiet(tmp_path: Path) -> None:
+    config, engine = _setup(tmp_path, mpps={"unlisted_series_quiet_seconds": 10})
+    sessions = make_sessionmaker(engine)
+    study = store_study(engine, tmp_path / "files", per_series=3)
+    _mpps(config, study, "COMPLETED", listed=False)
+    assert complete.sweep(config, sessions) == 0  # instances may still be coming
+    with capture_logs() as logs:
+        assert complete.sweep(config, sessions, now=utcnow() + timedelta(seconds=11)) == 1
+    (done,) = [e for e in logs if e["event"] == "study_completed"]
+    assert done["policy"] == "mpps"  # long before the 300 s timer
