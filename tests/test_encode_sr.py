@@ -255,6 +255,30 @@ def test_sr_references_only_the_instances_the_model_looked_at(tmp_path: Path) ->
     assert dciodvfy(tmp_path / "sr.dcm").errors == ()
 
 
+def test_every_group_references_every_image_of_a_series_and_dciodvfy_passes(
+    tmp_path: Path,
+) -> None:
+    """The image items are built once and shared by the groups; each group still lists them."""
+    sources = []
+    for index in range(3):
+        ds = _header("CT_small.dcm")
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["series", str(index)])
+        sources.append(ds)
+    uids = tuple(str(ds.SOPInstanceUID) for ds in sources)
+    result = ClassificationResult(
+        MODEL, (Finding(PNEUMOTHORAX, 0.9, 0.5), Finding(PNEUMONIA, 0.1, 0.4)), uids)
+
+    dataset = build_classification_sr(sources, result, _uids(sources[0]), "chest",
+                                      timestamp=WHEN)
+
+    sr = _read(dataset, tmp_path)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 2
+    for group in groups:
+        assert tuple(image.referenced_sop_instance_uid for image in group.source_images) == uids
+    assert dciodvfy(tmp_path / "sr.dcm").errors == ()
+
+
 # --- labelled as AI ----------------------------------------------------------------------------
 
 

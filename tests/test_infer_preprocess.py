@@ -13,7 +13,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.errors import PreprocessingError
 from dicom_node.infer.card import ModelCard, parse_card
-from dicom_node.infer.preprocess import preprocess
+from dicom_node.infer.preprocess import preprocess, resample_matrix, resize
 
 
 def make_card(
@@ -127,6 +127,96 @@ def test_output_range_follows_the_card() -> None:
     out = preprocess(read("CT_small.dcm"), make_card((128, 128), range=[-1.0, 1.0]))
     assert out.min() == pytest.approx(-1.0)
     assert out.max() == pytest.approx(1.0)
+
+
+# --- the same numbers as pixel by pixel ---------------------------------------------------------
+
+
+def reference_input(ds: Dataset, card: ModelCard) -> np.ndarray:
+    """Steps 4–6 of the module docstring done the plain way: every pixel through pydicom's LUTs
+    in float64, min–max, then dense resampling matrices (one grey frame, resize = "stretch")."""
+    spec = card.preprocessing
+    grey = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+    if spec.voi == "dataset":
+        if ds.get("VOILUTSequence") and not np.issubdtype(grey.dtype, np.integer):
+            grey = np.rint(grey).astype(np.int64)
+        grey = pydicom.pixels.apply_voi_lut(grey, ds, index=0)
+    grey = np.asarray(grey, dtype=np.float64)
+    unit = (grey - grey.min()) / (grey.max() - grey.min())
+    if ds.PhotometricInterpretation == "MONOCHROME1" and spec.invert_monochrome1:
+        unit = 1.0 - unit
+    low, high = spec.range
+    (rows, cols), (out_r, out_c) = grey.shape, card.input.shape
+    return resample_matrix(rows, out_r) @ (low + (high - low) * unit) @ resample_matrix(
+        cols, out_c).T
+
+
+def _ramp(shape: tuple[int, int], low: int, high: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(np.linspace(low, high, shape[1])[None, :] + rng.normal(0, 40, shape),
+                   low, high).round()
+
+
+def _non_monotonic_voi_lut(ds: Dataset) -> Dataset:
+    """A "V" VOI LUT over 0..4095: dark in the middle, bright at both ends."""
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    item.add_new("LUTData", "US", [abs(2048 - v) * 16 for v in range(4096)])
+    ds.VOILUTSequence = [item]
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "preprocessing"),
+    [
+        # a window that clips part of the values: each pixel is looked up in a table
+        ("clipping window", lambda: make_image(_ramp((37, 53), 0, 4095), WindowCenter=1500,
+                                               WindowWidth=1200), {}),
+        # a window that holds every value: a straight line, resized before it is applied
+        ("wide window", lambda: make_image(_ramp((37, 53), 300, 3000), WindowCenter=2048,
+                                           WindowWidth=4096), {}),
+        ("rescale only", lambda: make_image(_ramp((40, 30), 0, 2000), RescaleSlope=0.5,
+                                            RescaleIntercept=-100), {"voi": "modality"}),
+        ("MONOCHROME1", lambda: make_image(_ramp((37, 53), 0, 4095), "MONOCHROME1",
+                                           WindowCenter=2500, WindowWidth=2000), {}),
+        # not monotonic: the bounds come from the values present, not the table's ends
+        ("V-shaped VOI LUT", lambda: _non_monotonic_voi_lut(make_image(_ramp((37, 53), 600,
+                                                                             3900))), {}),
+    ],
+)
+@pytest.mark.parametrize("shape", [(16, 24), (64, 80)], ids=["shrink", "enlarge"])
+def test_input_is_the_pixel_by_pixel_computation(
+    name: str, make: Any, preprocessing: dict[str, Any], shape: tuple[int, int]
+) -> None:
+    ds = make()
+    card = make_card(shape, resize="stretch", **preprocessing)
+
+    expected = reference_input(ds, card)
+
+    np.testing.assert_allclose(preprocess(ds, card)[0, :, :, 0], expected, atol=2e-6)
+
+
+def test_signed_ct_input_is_the_pixel_by_pixel_computation() -> None:
+    ds = read("CT_small.dcm")  # int16, rescale to HU; a narrow window clips most of it
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    card = make_card((48, 40), resize="stretch")
+
+    np.testing.assert_allclose(preprocess(ds, card)[0, :, :, 0], reference_input(ds, card),
+                               atol=2e-6)
+
+
+def test_resize_matches_the_dense_resampling_matrices() -> None:
+    image = np.random.default_rng(1).random((70, 45, 2))
+    expected = np.stack([resample_matrix(70, 30) @ image[:, :, c] @ resample_matrix(45, 20).T
+                         for c in range(2)], axis=-1)
+    np.testing.assert_allclose(resize(image, (30, 20), "stretch", 0.0), expected, atol=1e-12)
+
+
+def test_only_the_frames_used_are_decoded_and_they_match_the_full_decode() -> None:
+    ds = read("emri_small.dcm")  # 10 frames; max_frames = 4 takes frames 0, 3, 6, 9
+    every = preprocess(ds, make_card((32, 32)))
+    some = preprocess(read("emri_small.dcm"), make_card((32, 32), max_frames=4))
+    np.testing.assert_array_equal(some, every[[0, 3, 6, 9]])
 
 
 # --- compressed transfer syntaxes --------------------------------------------------------

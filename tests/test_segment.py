@@ -5,18 +5,28 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from scipy import ndimage
 from structlog.testing import capture_logs
 
 from dicom_node.errors import ModelError, PreprocessingError
 from dicom_node.infer import load_card
 from dicom_node.infer.card import SegmenterCard
-from dicom_node.infer.segment import resample_weights, segment, select_series
+from dicom_node.infer.runtime import BATCH_SIZE, batches, predict_overlapped
+from dicom_node.infer.segment import (
+    _reach,
+    measure_regions,
+    resample_weights,
+    segment,
+    select_series,
+)
+from dicom_node.infer.volume import load_volume
 from dicom_node.messages import CodedConcept, SegmentationResult
 from tests.ct_series import write_chest_ct_series
 
@@ -183,3 +193,84 @@ def test_resample_weights_are_identity_at_equal_spacing_and_zero_outside_the_fie
     grow = resample_weights(128, 2.5, 512, 0.7)  # back: the source rim is outside the model
     sums = grow.sum(axis=1)
     assert sums[0] == 0.0 and sums[-1] == 0.0 and np.allclose(sums[40:-40], 1.0)
+
+
+@pytest.mark.parametrize(("n_in", "spacing_in", "n_out", "spacing_out"),
+                         [(160, 2.0, 512, 0.7), (160, 2.0, 256, 0.6), (96, 3.0, 100, 4.0)])
+def test_reach_covers_exactly_the_outputs_a_range_of_inputs_contributes_to(
+    n_in: int, spacing_in: float, n_out: int, spacing_out: float
+) -> None:
+    """Mapping a probability map back is restricted to the source pixels its hot samples reach."""
+    weights = resample_weights(n_in, spacing_in, n_out, spacing_out)
+    first, last = _reach(weights)
+    for a, b in [(0, 0), (0, n_in - 1), (3, 9), (n_in // 2, n_in // 2 + 5), (n_in - 4, n_in - 1)]:
+        touched = np.flatnonzero(weights[:, a : b + 1].any(axis=1))
+        assert set(range(first[a], last[b])) == set(touched.tolist())
+
+
+def test_regions_are_those_of_labelling_the_whole_volume(
+    card: SegmenterCard, series: list[Dataset]
+) -> None:
+    """Regions are labelled inside the segment's bounding box: the same regions, with the same
+    voxels, as labelling the whole volume (26-connectivity: a diagonal neighbour joins)."""
+    vol = load_volume(select_series(series, card.modalities))
+    mask = np.zeros(vol.shape, dtype=np.uint8)
+    mask[5:8, 100:105, 50:55] = 1
+    mask[8, 105, 55] = 1  # touches the cube above by a corner only
+    mask[20:22, 10:13, 200:204] = 1
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    expected = sorted((float(vol.voxel_volumes[np.nonzero(labels == i)[0]].sum()),
+                       tuple(int(k) for k in np.unique(np.nonzero(labels == i)[0])))
+                      for i in range(1, count + 1))
+
+    regions = measure_regions(mask, np.full(vol.shape, 0.9), vol, 1, 0.0)
+
+    assert count == 2
+    assert sorted((r.volume_mm3, r.frames) for r in regions) == expected
+    assert measure_regions(np.zeros_like(mask), np.zeros(vol.shape), vol, 1, 0.0) == ()
+
+
+# --- the network overlapped with preparing its input --------------------------------------------
+
+
+class _Doubler:
+    """A stand-in network: twice its input; records the batch sizes it was given."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.fail = fail
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("out of memory")
+        self.sizes.append(len(x))
+        return 2 * x
+
+
+def test_overlapped_prediction_gives_each_output_in_order_in_batches_of_the_runtime() -> None:
+    model = _Doubler()
+    chunks = [np.full((n, 2), float(i), dtype=np.float32) for i, n in enumerate([20, 3, 16])]
+
+    outputs = list(predict_overlapped(model, iter(chunks), "model m 1"))
+
+    assert [o.tolist() for o in outputs] == [(2 * c).tolist() for c in chunks]
+    assert model.sizes == [BATCH_SIZE, 4, 3, 16]
+
+
+def test_a_failing_network_raises_model_error_and_a_failing_input_passes_through() -> None:
+    with pytest.raises(ModelError, match="model m 1 failed to run: out of memory"):
+        list(predict_overlapped(_Doubler(fail=True), [np.zeros((1, 2), np.float32)], "model m 1"))
+
+    def inputs() -> Any:
+        yield np.zeros((1, 2), np.float32)
+        raise PreprocessingError("bad slice")
+
+    with pytest.raises(PreprocessingError, match="bad slice"):
+        list(predict_overlapped(_Doubler(), inputs(), "model m 1"))
+
+
+def test_batches_regroup_the_rows_of_the_images_as_one_predict_over_all_would() -> None:
+    images = [np.full((n, 1), i, dtype=np.float32) for i, n in enumerate([1, 3, 20, 1, 7])]
+    grouped = list(batches(iter(images), size=8))
+    assert [len(b) for b in grouped] == [8, 8, 8, 8]
+    np.testing.assert_array_equal(np.concatenate(grouped), np.concatenate(images))

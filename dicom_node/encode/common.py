@@ -28,6 +28,7 @@ from typing import Any
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
@@ -102,10 +103,11 @@ def header_copy(source: Dataset) -> Dataset:
     §7.4.3 allows for an unknown value.
     """
     header = Dataset()
-    for element in source:
+    for element in source.elements():
         if element.tag >= _PIXEL_DATA_TAG:
             break
-        header.add(deepcopy(element))
+        # an element not parsed yet is an immutable tuple of its bytes: shared, not copied
+        header[element.tag] = element if isinstance(element, RawDataElement) else deepcopy(element)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, None)

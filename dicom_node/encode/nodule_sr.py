@@ -57,7 +57,6 @@ from dicom_node.encode.common import (
     ai_notice,
     derived_uid,
     enhanced_sr,
-    header_copy,
     observation_context,
     select_sources,
     series_description,
@@ -154,11 +153,21 @@ def build_nodule_sr(
         raise EncodeError(
             f"highdicom refused the nodule SR for model {model.name} {model.version}: {exc}"
         ) from exc
-    evidence = [*headers, header_copy(seg)] if seg is not None else list(headers)
+    evidence = [*headers, _reference(seg)] if seg is not None else list(headers)
     return enhanced_sr(evidence, report, model, uids, description=description,
                        timestamp=timestamp, complete=True, added_text=added_text,
                        schemes=(c.scheme for pair in result.segments for c in pair),
                        what="nodule SR")
+
+
+def _reference(dataset: Dataset) -> Dataset:
+    """What the SR's evidence needs of an instance after the first (highdicom reads the Patient
+    and Study modules from the first only): its Study, Series and SOP Instance UIDs and SOP
+    Class, not a copy of a whole SEG with its per-frame functional groups."""
+    reference = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(reference, keyword, dataset[keyword].value)
+    return reference
 
 
 def _check_seg(seg: Dataset, result: SegmentationResult, source: Dataset) -> None:

@@ -134,11 +134,13 @@ def _measurement_report(
     notice: str,
 ) -> hd.sr.MeasurementReport:
     """TID 1500 root: observation context, a TID 1501 group per finding, the AI notice (row 14)."""
+    # one IMAGE item per source image, shared by every group (the same content in each)
+    images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(result.model),
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[
-            _finding_group(index, finding, result.model, uids, headers)
+            _finding_group(index, finding, result.model, uids, images)
             for index, finding in enumerate(result.findings, start=1)
         ],
     )
@@ -164,7 +166,7 @@ def _finding_group(
     finding: Finding,
     model: ModelIdentity,
     uids: ResultUIDs,
-    headers: Sequence[Dataset],
+    images: Sequence[hd.sr.SourceImageForMeasurementGroup],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group: the finding, its probability (TID 300), Present/Absent, the source images."""
     concept = hd.sr.CodedConcept(
@@ -193,5 +195,5 @@ def _finding_group(
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if finding.present else ABSENT)
         ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+        source_images=images,
     )

@@ -8,15 +8,22 @@ work on a GPU when its backend sees one.
 
 Loaded models are cached per process, keyed by (weights path, card version): a new version of a
 card loads new weights, and the same card asked for twice loads them once.
+
+A study's images go through the network in batches of :data:`BATCH_SIZE` while the next batch is
+decoded and preprocessed (:func:`predict_overlapped`: the network runs in a second thread; the
+backends and numpy release the GIL). The batches, and so the outputs, are those of one
+:func:`predict` over all the images.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +165,49 @@ def predict(model: Any, batch: NDArray[np.float32]) -> NDArray[np.float32]:
     return np.concatenate(chunks)
 
 
+def predict_overlapped(
+    model: Any, inputs: Iterable[NDArray[np.float32]], what: str
+) -> Iterator[NDArray[np.float32]]:
+    """:func:`predict` over each array of ``inputs``, outputs in order, the network in a second
+    thread: the caller prepares the next input (decoding, preprocessing) and uses the previous
+    output while the network runs (the backends and numpy release the GIL). One input runs at a
+    time and at most one more waits. A failure of the network raises ModelError naming ``what``
+    (e.g. "model chest-cls 1.0"); exceptions of ``inputs`` pass unchanged."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dicom-node-predict") as pool:
+        pending: Future[NDArray[np.float32]] | None = None
+        for x in inputs:
+            submitted = pool.submit(predict, model, x)
+            if pending is not None:
+                yield _result(pending, what)
+            pending = submitted
+        if pending is not None:
+            yield _result(pending, what)
+
+
+def _result(future: Future[NDArray[np.float32]], what: str) -> NDArray[np.float32]:
+    try:
+        return future.result()
+    except Exception as exc:  # a backend error must not escape as a bare framework exception
+        raise ModelError(f"{what} failed to run: {exc}") from exc
+
+
+def batches(arrays: Iterable[NDArray[np.float32]], size: int = BATCH_SIZE
+            ) -> Iterator[NDArray[np.float32]]:
+    """The rows of ``arrays`` (concatenated along the first axis) in batches of ``size``, the
+    last one shorter: the batches :func:`predict` makes of their concatenation, as they come."""
+    buffer: list[NDArray[np.float32]] = []
+    count = 0
+    for array in arrays:
+        buffer.append(array)
+        count += len(array)
+        while count >= size:
+            joined = np.concatenate(buffer) if len(buffer) > 1 else buffer[0]
+            yield joined[:size]
+            buffer, count = [joined[size:]], count - size
+    if count:
+        yield np.concatenate(buffer)
+
+
 def classify(
     card: ModelCard, model_dir: Path, datasets: Sequence[Dataset]
 ) -> ClassificationResult:
@@ -171,9 +221,35 @@ def classify(
     """
     if not isinstance(card, ClassifierCard):
         raise ModelError(f"model {card.name} is a {card.kind}, not a classifier")
-    inputs: list[NDArray[np.float32]] = []
     used: list[str] = []
     problems: list[str] = []
+    # images are preprocessed as the network needs them: the next batch while it runs this one
+    pending = batches(_usable_inputs(card, datasets, used, problems))
+    first = next(pending, None)
+    if first is None:
+        detail = "; ".join(problems) if problems else "no instances given"
+        raise PreprocessingError(f"model {card.name}: no usable image: {detail}")
+    model = load_model(card, model_dir)
+    probabilities = np.concatenate(list(predict_overlapped(
+        model, itertools.chain([first], pending), f"model {card.name} {card.version}")))
+    if not np.all(np.isfinite(probabilities)):
+        raise ModelError(f"model {card.name} {card.version} returned non-finite probabilities")
+    study = np.clip(probabilities.max(axis=0), 0.0, 1.0)
+    findings = tuple(
+        Finding(concept=output.code.concept(), probability=float(p), threshold=output.threshold)
+        for output, p in zip(card.outputs, study, strict=True)
+    )
+    return ClassificationResult(
+        model=card.identity(),
+        findings=findings,
+        source_sop_instance_uids=tuple(dict.fromkeys(used)),
+    )
+
+
+def _usable_inputs(card: ModelCard, datasets: Sequence[Dataset], used: list[str],
+                   problems: list[str]) -> Iterator[NDArray[np.float32]]:
+    """The model input of each instance the card can take, in order; appends the instance's UID
+    to ``used``, or the reason it is skipped (logged) to ``problems``."""
     for ds in datasets:
         uid = str(ds.get("SOPInstanceUID", ""))
         modality = str(ds.get("Modality", ""))
@@ -190,25 +266,5 @@ def classify(
             log.warning("image_skipped", model=card.name, sop_instance_uid=uid,
                         reason=str(exc))
             continue
-        inputs.append(x)
         used.append(uid)
-    if not inputs:
-        detail = "; ".join(problems) if problems else "no instances given"
-        raise PreprocessingError(f"model {card.name}: no usable image: {detail}")
-    model = load_model(card, model_dir)
-    try:
-        probabilities = predict(model, np.concatenate(inputs))
-    except Exception as exc:  # a backend error must not escape as a bare framework exception
-        raise ModelError(f"model {card.name} {card.version} failed to run: {exc}") from exc
-    if not np.all(np.isfinite(probabilities)):
-        raise ModelError(f"model {card.name} {card.version} returned non-finite probabilities")
-    study = np.clip(probabilities.max(axis=0), 0.0, 1.0)
-    findings = tuple(
-        Finding(concept=output.code.concept(), probability=float(p), threshold=output.threshold)
-        for output, p in zip(card.outputs, study, strict=True)
-    )
-    return ClassificationResult(
-        model=card.identity(),
-        findings=findings,
-        source_sop_instance_uids=tuple(dict.fromkeys(used)),
-    )
+        yield x

@@ -17,14 +17,17 @@
    adjacent slices (``context_mm = 0``), or planes interpolated at ± ``context_mm`` along the
    normal between the two nearest slices (:func:`context_planes`; each slice's own position
    is used, so irregular spacing and gaps are handled). Past the ends of the stack, the end
-   slice is repeated.
-4. **Model.** Slices go through :func:`dicom_node.infer.runtime.predict` in chunks of
-   :data:`SLICES_PER_CHUNK` (Keras runs them on a GPU when it sees one).
+   slice is repeated. (Windowing is float32 on the full slice; the resampling weights, which
+   are banded, are applied as :mod:`scipy.sparse` matrices; each slice is resampled once.)
+4. **Model.** Slices go through :func:`dicom_node.infer.runtime.predict_overlapped` in chunks
+   of :data:`SLICES_PER_CHUNK` (Keras runs them on a GPU when it sees one): the next chunk's
+   input is made, and the previous chunk's output mapped back, while the network runs.
 5. **Mask.** The probability maps are resampled back (linear) onto the source rows × columns;
    a voxel gets segment *k* when *k*'s probability is at least its output's threshold (the most
    probable such segment when several are). The mask is uint8, (frames, rows, cols), frames in
-   spatial order.
-6. **Regions.** Each segment's voxels are split into 3-D connected regions
+   spatial order. A resampled probability is a weighted mean of the map's (or 0 outside it), so
+   a slice whose map stays below every threshold is left empty without resampling it.
+6. **Regions.** Each segment's voxels (if it has any) are split into 3-D connected regions
    (:func:`scipy.ndimage.label`, 26-connectivity; neighbouring slices of the stack are adjacent
    even across a gap); regions under ``segmentation.min_region_volume_mm3`` are removed from the
    mask. Each region is measured in patient space (:meth:`SeriesVolume.patient_points`):
@@ -48,20 +51,21 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
-from scipy import ndimage
+from scipy import ndimage, sparse
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
 from dicom_node.errors import ModelError, PreprocessingError
 from dicom_node.infer.card import ModelCard, SegmenterCard
-from dicom_node.infer.runtime import load_model, predict
+from dicom_node.infer.runtime import load_model, predict_overlapped
 from dicom_node.infer.volume import SeriesVolume, is_localizer, load_volume
 from dicom_node.messages import SegmentationResult, SegmentedRegion
 
 log = structlog.get_logger(__name__)
 
-#: Slices preprocessed, predicted and mapped back at a time (bounds the memory in use).
-SLICES_PER_CHUNK = 64
+#: Slices preprocessed, predicted and mapped back at a time (bounds the memory in use; one
+#: chunk is prepared while the network runs on the one before).
+SLICES_PER_CHUNK = 16
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 Floats = NDArray[np.float64]
 
@@ -161,7 +165,11 @@ def interpolate_plane(planes: dict[int, Floats] | Floats, low: float,
 
 
 def _inputs(vol: SeriesVolume, planes: range, card: SegmenterCard,
-            w_rows: Floats, w_cols: Floats) -> NDArray[np.float32]:
+            w_rows: Any, w_cols_t: Any, small: dict[int, Floats]) -> NDArray[np.float32]:
+    """The network's input for ``planes``: each needed plane windowed (float32, full size) and
+    resampled with the sparse weights ``w_rows`` and ``w_cols_t`` (transposed), then the
+    context channels interpolated between the small planes. ``small`` keeps the resampled
+    planes between calls (for ascending ``planes``): a plane is resampled once."""
     center, width = _window(card)
     low, high = card.preprocessing.range
     spec = card.segmentation
@@ -172,10 +180,13 @@ def _inputs(vol: SeriesVolume, planes: range, card: SegmenterCard,
             needed.add(int(lows[k]))
             if weights[k] > 1e-6:
                 needed.add(int(lows[k]) + 1)
-    small = {}
-    for k in sorted(needed):
-        unit = np.clip((vol.voxels[k].astype(np.float64) - (center - width / 2)) / width, 0, 1)
-        small[k] = w_rows @ (low + (high - low) * unit) @ w_cols.T
+    for k in [k for k in small if k < min(needed)]:
+        del small[k]  # no later (higher) plane needs it
+    bottom, span = np.float32(center - width / 2), np.float32(width)
+    for k in sorted(needed - small.keys()):
+        unit = np.clip((vol.voxels[k] - bottom) / span, np.float32(0), np.float32(1))
+        windowed = np.float32(low) + np.float32(high - low) * unit
+        small[k] = np.asarray((w_rows @ windowed) @ w_cols_t, dtype=np.float64)
     batch = []
     for k in planes:
         channels = [small[k]]
@@ -205,28 +216,57 @@ def _predict_masks(card: SegmenterCard, model_dir: Path,
     in_r, in_c = card.input.shape
     p = card.segmentation.pixel_spacing_mm
     dr, dc = vol.pixel_spacing
-    w_rows, w_cols = resample_weights(rows, dr, in_r, p), resample_weights(cols, dc, in_c, p)
-    b_rows, b_cols = resample_weights(in_r, p, rows, dr), resample_weights(in_c, p, cols, dc)
+    # the resampling weights are banded: sparse products, in float32 on the full-size planes
+    w_rows = sparse.csr_array(resample_weights(rows, dr, in_r, p).astype(np.float32))
+    w_cols_t = sparse.csr_array(resample_weights(cols, dc, in_c, p).T.astype(np.float32))
+    back_rows, back_cols = resample_weights(in_r, p, rows, dr), resample_weights(in_c, p, cols, dc)
+    b_rows, b_cols_t = sparse.csr_array(back_rows), sparse.csr_array(back_cols.T)
+    reach_rows, reach_cols = _reach(back_rows), _reach(back_cols)
     thresholds = np.asarray([o.threshold for o in card.outputs])
+    # a resampled probability is a weighted mean (or 0 outside the field), never above the
+    # plane's largest: a plane whose every probability is below every threshold stays empty
+    below = float(thresholds.min()) * (1.0 - 1e-9) if thresholds.min() > 0 else -np.inf
     mask = np.zeros((n, rows, cols), dtype=np.uint8)
     prob = np.zeros((n, rows, cols), dtype=np.float16)
-    for start in range(0, n, SLICES_PER_CHUNK):
-        planes = range(start, min(n, start + SLICES_PER_CHUNK))
-        try:
-            out = predict(model, _inputs(vol, planes, card, w_rows, w_cols))
-        except Exception as exc:  # a backend error must not escape as a framework exception
-            raise ModelError(f"model {card.name} {card.version} failed to run: {exc}") from exc
+    chunks = [range(start, min(n, start + SLICES_PER_CHUNK))
+              for start in range(0, n, SLICES_PER_CHUNK)]
+    small: dict[int, Floats] = {}
+    inputs = (_inputs(vol, planes, card, w_rows, w_cols_t, small) for planes in chunks)
+    # the next chunk's input is made, and this chunk's output mapped back, while the network runs
+    outputs = predict_overlapped(model, inputs, f"model {card.name} {card.version}")
+    for planes, out in zip(chunks, outputs, strict=True):
         if not np.all(np.isfinite(out)):
             raise ModelError(f"model {card.name} {card.version} returned non-finite values")
         for i, k in enumerate(planes):
-            full = np.stack([b_rows @ out[i, :, :, s] @ b_cols.T
+            # only source pixels that a map value at or above a threshold reaches can be hits
+            hot_r, hot_c = np.nonzero(out[i].max(axis=-1) >= below)
+            if not len(hot_r):
+                continue  # mask and probability stay 0
+            r = slice(int(reach_rows[0][hot_r.min()]), int(reach_rows[1][hot_r.max()]))
+            c = slice(int(reach_cols[0][hot_c.min()]), int(reach_cols[1][hot_c.max()]))
+            full = np.stack([np.asarray((b_rows[r] @ out[i, :, :, s].astype(np.float64))
+                                        @ b_cols_t[:, c])
                              for s in range(len(card.outputs))], axis=-1)
             above = np.where(full >= thresholds, full, -1.0)
             best = above.argmax(axis=-1)
             hit = above.max(axis=-1) >= 0
-            mask[k] = np.where(hit, best + 1, 0).astype(np.uint8)
-            prob[k] = np.where(hit, full.max(axis=-1), 0.0).astype(np.float16)
+            mask[k, r, c] = np.where(hit, best + 1, 0).astype(np.uint8)
+            prob[k, r, c] = np.where(hit, full.max(axis=-1), 0.0).astype(np.float16)
     return mask, prob
+
+
+def _reach(weights: Floats) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """For the weights (n_out, n_in) of a resampling: per input sample j, the first output
+    sample it contributes to and one past the last (cumulative over j, so that
+    ``[first[a], last[b])`` covers every output reached by inputs a..b; banded weights)."""
+    touched = weights > 0
+    n_out = weights.shape[0]
+    first = np.where(touched.any(axis=0), touched.argmax(axis=0), n_out)
+    last = np.where(touched.any(axis=0), n_out - touched[::-1].argmax(axis=0), 0)
+    # an input that reaches nothing (outside the output field) must not narrow a range
+    first = np.minimum.accumulate(first[::-1])[::-1]
+    last = np.maximum.accumulate(last)
+    return first, last
 
 
 def _longest_diameter(points: Floats, vol: SeriesVolume, extent: float) -> float:
@@ -243,6 +283,18 @@ def _longest_diameter(points: Floats, vol: SeriesVolume, extent: float) -> float
     return float(pdist(candidates).max())
 
 
+def _bounding_box(hits: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
+    """The smallest box (planes, rows, columns) holding every True voxel; None when none is."""
+    planes = np.flatnonzero(hits.any(axis=(1, 2)))
+    if not len(planes):
+        return None
+    inside = hits[planes[0] : planes[-1] + 1]
+    rows = np.flatnonzero(inside.any(axis=(0, 2)))
+    cols = np.flatnonzero(inside.any(axis=(0, 1)))
+    return (slice(int(planes[0]), int(planes[-1]) + 1), slice(int(rows[0]), int(rows[-1]) + 1),
+            slice(int(cols[0]), int(cols[-1]) + 1))
+
+
 def measure_regions(mask: NDArray[np.uint8], prob: NDArray[np.floating[Any]],
                     vol: SeriesVolume, segments: int,
                     min_volume_mm3: float) -> tuple[SegmentedRegion, ...]:
@@ -252,14 +304,20 @@ def measure_regions(mask: NDArray[np.uint8], prob: NDArray[np.floating[Any]],
     voxel_volumes = vol.voxel_volumes
     regions: list[SegmentedRegion] = []
     for k in range(1, segments + 1):
-        labels, _ = ndimage.label(mask == k, structure=structure)
+        region = _bounding_box(mask == k)
+        if region is None:
+            continue
+        # labelled inside the segment's bounding box: the same regions, in the same order
+        labels, _ = ndimage.label(mask[region] == k, structure=structure)
         found = []
         for index, box in enumerate(ndimage.find_objects(labels), start=1):
             if box is None:
                 continue
             local = labels[box] == index
             kk, rr, cc = np.nonzero(local)
-            kk, rr, cc = kk + box[0].start, rr + box[1].start, cc + box[2].start
+            kk = kk + box[0].start + region[0].start
+            rr = rr + box[1].start + region[1].start
+            cc = cc + box[2].start + region[2].start
             weights = voxel_volumes[kk]
             volume = float(weights.sum())
             if volume < min_volume_mm3:
