@@ -202,3 +202,6 @@ class SegmentationResult:
     #: numpy uint8 array (len(frames), rows, cols): 0 background, k = segment number k.
     mask: Any
     regions: tuple[SegmentedRegion, ...]
+    #: What was odd about the series' geometry (missing slices, irregular spacing, drift); the
+    #: SR states each, since volumes and diameters rest on that geometry.
+    geometry_warnings: tuple[str, ...] = ()

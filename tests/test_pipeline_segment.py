@@ -256,3 +256,25 @@ def test_seg_of_a_shuffled_series_lies_on_the_slices_of_each_nodule(
 
     # slices grazing a sphere may hold no voxel centre inside it; those well inside must be there
     assert near(1.0) <= segmented_z <= near(0.0)
+
+
+def test_a_missing_slice_is_stated_in_the_sr_next_to_the_measurements(
+    sphere_model: None, tmp_path: Path
+) -> None:
+    files = write_chest_ct_series(tmp_path / "ct", nodules=NODULES, slices=24, spacing=2.5,
+                                  rows=192)
+    sources = [pydicom.dcmread(f) for f in files]
+    positions = sorted(sources, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    sources.remove(positions[3])  # a slice far from the nodules never arrived
+
+    output = pipeline.run(windowed_card(), tmp_path, job(sources))
+
+    *_, sr = output.objects
+    path = tmp_path / "SR.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path).errors == ()
+    assert "Source series geometry: mis" in dsrdump(path).output  # dsrdump shortens texts
+    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    (stated,) = [t for t in texts if t.startswith("Source series geometry")]
+    assert "missing slice(s): gap of 5.00 mm" in stated and "may be less accurate" in stated
+    assert output.summary["geometry_warnings"] == 1

@@ -130,6 +130,10 @@ def build_nodule_sr(
         f"No {result.segments[n - 1][0].meaning.lower()} detected by the model {model.name} "
         f"version {model.version}."
         for n in absent
+    ] + [
+        f"Source series geometry: {warning}. Volumes and diameters were measured with each "
+        f"slice at its own position and may be less accurate."
+        for warning in result.geometry_warnings
     ]
     description = series_description(model, "measurements")
     added_text = [*comments, description, model.name, model.version, model.manufacturer] + [
@@ -307,7 +311,8 @@ def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
 
 
 def _comments(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 container with the AI notice and the "nothing found" statements."""
+    """TID 1500 row 12 container with the AI notice, the "nothing found" statements and the
+    source series' geometry warnings."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,

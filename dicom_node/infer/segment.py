@@ -370,4 +370,5 @@ def segment(card: ModelCard, model_dir: Path, sources: Sequence[Dataset]) -> Seg
         frames=vol.frames,
         mask=mask,
         regions=regions,
+        geometry_warnings=vol.warnings,
     )

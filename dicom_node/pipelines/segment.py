@@ -43,6 +43,7 @@ def run(card: ModelCard, model_dir: Path, job: PipelineInput) -> PipelineOutput:
         "frames": len(result.frames),
         "regions": len(result.regions),
         "volumes_mm3": [round(r.volume_mm3, 1) for r in result.regions],
+        "geometry_warnings": len(result.geometry_warnings),
         "sr_sop_instance_uid": sr_uids.sop_instance_uid,
     }
     if seg is not None:
