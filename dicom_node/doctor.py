@@ -43,7 +43,8 @@ Status = Literal["ok", "warn", "FAIL"]
 REQUIRED = ("pydicom", "pynetdicom", "highdicom", "numpy", "keras", "pydantic", "SQLAlchemy",
             "structlog", "apscheduler", "pylibjpeg", "pyjpegls")
 #: Packages of the extras: reported when present, a warning when absent.
-OPTIONAL = {"matplotlib": "eval", "scikit-image": "eval"}
+OPTIONAL = {"matplotlib": "eval", "scikit-image": "eval", "sacrebleu": "eval",
+            "rouge-score": "eval"}
 TOOLS = ("storescu", "echoscu", "dcmdump", "dciodvfy")
 DISK_FAIL_BYTES = 200 * 10**6
 DISK_WARN_BYTES = 2 * 10**9

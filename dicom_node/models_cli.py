@@ -306,7 +306,8 @@ def register(sub: Any) -> None:
     p.add_argument("model", metavar="MODEL", help="a model name or a model folder")
     p.add_argument("data", metavar="DATA",
                    help="classifier: folder of DICOM + labels.csv; segmenter: one folder per "
-                        "case with mask.npz; enhancer: noisy/ and clean/ folders")
+                        "case with mask.npz; enhancer: noisy/ and clean/ folders; report: a "
+                        "folder with cases.jsonl")
     p.add_argument("--out", metavar="DIR", help="write metrics.json and the plots here")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N cases only")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),

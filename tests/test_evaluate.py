@@ -323,9 +323,3 @@ def test_enhancer_psnr_and_ssim_compare_output_and_input_with_the_clean_image(
     assert report.agrees is False
     assert "DIFFERS" in report.text
     assert (tmp_path / "out" / "psnr.png").is_file() and (tmp_path / "out" / "ssim.png").is_file()
-
-
-def test_report_models_are_not_evaluated_and_say_why(tmp_path: Path) -> None:
-    card = load_card(MODEL_DIR).model_copy(update={"kind": "report"})
-    with pytest.raises(Exception, match="report model's text is evaluated by its own training"):
-        evaluate(card, MODEL_DIR, tmp_path, progress=False)

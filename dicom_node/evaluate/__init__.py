@@ -1,5 +1,5 @@
 """``dicom-node evaluate``: run a model through the node's own inference code on labelled data and
-compare what it measures with the model card's ``[metrics]``.
+compare what it measures with the model card's ``[metrics]`` (a report model's ``[evaluation]``).
 
 ==========  ==========================================================  =========================
 kind        DATA                                                        measures
@@ -10,11 +10,14 @@ classifier  DICOM files + ``labels.csv`` (``file``, one 0/1 column per   accurac
 segmenter   one folder per case: its DICOM series + ``mask.npz``        Dice per case and mean
 enhancer    ``noisy/`` and ``clean/`` with the same file names          PSNR and SSIM, output and
                                                                         noisy input vs clean
-report      not evaluated (its output is text; no reference to compare with here)
+report      ``cases.jsonl``: per line one case's findings, study        consistency with the
+            context and reference reports (with slots)                  findings before and after
+                                                                        the check, cases repaired,
+                                                                        BLEU and ROUGE-L
 ==========  ==========================================================  =========================
 
-Modules: :mod:`.classifier`, :mod:`.segmenter`, :mod:`.enhancer` (one per kind), :mod:`.metrics`
-(numpy), :mod:`.plots` (matplotlib, Agg), :mod:`.progress` (rich, on stderr).
+Modules: :mod:`.classifier`, :mod:`.segmenter`, :mod:`.enhancer`, :mod:`.report` (one per kind),
+:mod:`.metrics` (numpy), :mod:`.plots` (matplotlib, Agg), :mod:`.progress` (rich, on stderr).
 """
 
 from __future__ import annotations
@@ -72,11 +75,12 @@ def evaluate(card: ModelCard, model_dir: Path, data: Path, out: Path | None = No
 
         report = evaluate_enhancer(card, model_dir, data, out, plots=plots, limit=limit,
                                    progress=progress, window=window)
+    elif card.kind == "report":
+        from dicom_node.evaluate.report import evaluate_report
+
+        report = evaluate_report(card, model_dir, data, out, limit=limit, progress=progress)
     else:
-        raise DicomNodeError(
-            f"model {card.name} is a {card.kind} model: evaluate measures classifiers, "
-            "segmenters and enhancers; a report model's text is evaluated by its own training "
-            "script (its card's [evaluation])")
+        raise DicomNodeError(f"model {card.name}: evaluate does not know the kind {card.kind!r}")
     if out is None:
         return report
     path = out / "metrics.json"
@@ -94,8 +98,10 @@ def header(card: ModelCard, data: Path, cases: int, skipped: list[str]) -> list[
     lines += [f"  skipped: {reason}" for reason in skipped[:10]]
     if len(skipped) > 10:
         lines.append(f"  … and {len(skipped) - 10} more")
-    if card.metrics is not None:
-        lines.append(f"card: {card.metrics.split}, {card.metrics.samples} samples")
+    measured = card.metrics if card.kind != "report" else getattr(card, "evaluation", None)
+    if measured is not None:
+        lines.append(f"card: {measured.split}, {measured.samples} samples")
     else:
-        lines.append("card: no [metrics] to compare with")
+        lines.append("card: no [evaluation] to compare with" if card.kind == "report" else
+                     "card: no [metrics] to compare with")
     return lines

@@ -5,6 +5,12 @@ Usage (from the repository root, with the "train" extra and ``sacrebleu rouge-sc
     .venv/bin/python models/report-drafter/train.py            # the shipped weights
     .venv/bin/python models/report-drafter/train.py --quick --out /tmp/rd   # a smoke run
     .venv/bin/python models/report-drafter/train.py --evaluate-only   # re-measure the card
+    .venv/bin/python models/report-drafter/train.py --export-eval /tmp/rd-test  # test cases
+
+``--export-eval DIR [--limit N]`` trains nothing: it draws the held-out test cases again, exactly
+as step 3 below draws them (same seed; the first N of them with ``--limit``), and writes them to
+DIR/cases.jsonl (findings, study context, the reference reports with slots), which
+``dicom-node evaluate report-drafter DIR`` reads to reproduce the card's ``[evaluation]``.
 
 What it does, reproducibly from one seed:
 
@@ -18,7 +24,8 @@ What it does, reproducibly from one seed:
    decoder the node runs;
 4. measures corpus BLEU (sacrebleu) and ROUGE-L (rouge-score) against the references, and the
    clinical consistency of the model's text before and after the consistency check (and of the
-   extractor on the references themselves), then writes the final card.
+   extractor on the references themselves), then writes the final card. The measuring is
+   dicom_node.evaluate.report's, the code ``dicom-node evaluate`` runs.
 """
 
 from __future__ import annotations
@@ -38,25 +45,11 @@ sys.path.insert(0, str(HERE))  # corpus.py (the folder name is not a package nam
 sys.path.insert(1, str(HERE.parent.parent))  # dicom_node, when the project is not installed
 
 import numpy as np  # noqa: E402
-from corpus import ALIASES, CODES, TABLE, Case, make_cases  # noqa: E402
+from corpus import ALIASES, CODES, Case, make_cases  # noqa: E402
 
-from dicom_node.infer.report import build_network, generate  # noqa: E402
-from dicom_node.infer.report_check import (  # noqa: E402
-    check,
-    expectations,
-    finish_draft,
-    slot_check,
-)
-from dicom_node.infer.report_tokens import (  # noqa: E402
-    BOS,
-    EOS,
-    IMP,
-    PAD,
-    UNK,
-    detokenize,
-    render,
-    tokenize,
-)
+from dicom_node.evaluate.report import CASES_FILE, EvalCase, case_json, measure  # noqa: E402
+from dicom_node.infer.report import build_network  # noqa: E402
+from dicom_node.infer.report_tokens import BOS, EOS, IMP, PAD, UNK, tokenize  # noqa: E402
 from dicom_node.messages import FindingRecord  # noqa: E402
 
 NAME = "report-drafter"
@@ -167,98 +160,54 @@ def train(cases: list[Case], val: list[Case], source: list[str], target: list[st
     return model, done
 
 
-Result = tuple[int, int, int, int, bool, bool, bool, bool]
-
-
-def rates(results: list[Result]) -> dict[str, float]:
-    """Per-case and per-finding consistency rates from (positives, positives mentioned,
-    absents, absents not asserted, all positives ok, no absent asserted, no unsupported
-    statement, values attributed)."""
-    n = len(results)
-    pos = sum(r[0] for r in results)
-    absent = sum(r[2] for r in results)
-    return {
-        "cases_all_positives_mentioned": sum(r[4] for r in results) / n,
-        "cases_no_absent_asserted": sum(r[5] for r in results) / n,
-        "cases_no_unsupported_statement": sum(r[6] for r in results) / n,
-        "cases_values_attributed": sum(r[7] for r in results) / n,
-        "positive_findings_mentioned": sum(r[1] for r in results) / max(pos, 1),
-        "absent_findings_not_asserted": sum(r[3] for r in results) / max(absent, 1),
-    }
-
-
-def consistency(case: Case, texts: tuple[str, str], values_ok: bool) -> Result:
-    expected = expectations(case.findings, TABLE)
-    issues = check(texts, expected)
-    failed_pos = {i.key for i in issues if i.kind in ("missing", "contradicted")}
-    asserted = {i.key for i in issues if i.kind == "asserted_absent"}
-    unsupported = any(i.kind == "unsupported" for i in issues)
-    return (len(expected.positive), len(set(expected.positive) - failed_pos),
-            len(expected.absent), len(set(expected.absent) - asserted),
-            not failed_pos, not asserted, not unsupported, values_ok)
-
-
-def before_and_after(case: Case, sections: tuple[list[str], list[str]]
-                     ) -> tuple[Result, Result, bool]:
-    """Consistency of the model's text as decoded and as the node would send it."""
-    _, slot_issues, _, _ = slot_check(sections, case.encoded)
-    before = consistency(case, render(sections, case.encoded.slots), not slot_issues)
-    draft = finish_draft(sections, case.encoded, case.findings, case.context, TABLE)
-    after = consistency(case, (draft.findings, draft.impression), True)
-    return before, after, not draft.consistency.passed
+def eval_case(case: Case) -> EvalCase:
+    """A corpus case as dicom_node.evaluate.report measures it (the same source encoding)."""
+    return EvalCase(case.findings, case.context, case.references, case.encoded)
 
 
 def evaluate(card_dir: Path, test: list[Case]) -> dict[str, Any]:
-    from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU
-
+    """The card's [evaluation]: measured by dicom_node.evaluate.report (what ``dicom-node
+    evaluate`` runs on the cases ``--export-eval`` writes), plus the draft on RG1's findings."""
     from dicom_node.infer.card import ReportCard, load_card
-    from dicom_node.infer.report import draft_report, load_network
+    from dicom_node.infer.report import draft_report
 
     card = load_card(card_dir)
     assert isinstance(card, ReportCard)
-    network = load_network(card, card_dir)
-    started = time.perf_counter()
-    outputs: list[tuple[list[str], list[str]]] = []
-    for i in range(0, len(test), 200):
-        outputs += generate(network, [c.encoded for c in test[i:i + 200]],
-                            card.input.max_target_tokens, card.input.max_source_tokens)
-    decode_s = time.perf_counter() - started
-    texts = [render(sections, c.encoded.slots) for c, sections in zip(test, outputs, strict=True)]
-    hyps = [f"{f} {i}".strip() for f, i in texts]
-    refs = [[" ".join((detokenize(tokenize(f), c.encoded.slots),
-                       detokenize(tokenize(i), c.encoded.slots))) for f, i in c.references]
-            for c in test]
-    metric = BLEU()
-    bleu = metric.corpus_score(hyps, [list(r) for r in zip(*refs, strict=True)])
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    rouge = float(np.mean([max(scorer.score(r, h)["rougeL"].fmeasure for r in rs)
-                           for h, rs in zip(hyps, refs, strict=True)]))
-    before, after, on_refs, stress_before, stress_after = [], [], [], [], []
-    repaired = 0
-    for n, (case, sections) in enumerate(zip(test, outputs, strict=True)):
-        b, a, changed = before_and_after(case, sections)
-        before.append(b)
-        after.append(a)
-        repaired += changed
-        rf, ri = case.references[0]
-        ref_sections = (tokenize(rf), tokenize(ri))
-        ref_values_ok = not slot_check(ref_sections, case.encoded)[1]
-        on_refs.append(consistency(case, render(ref_sections, case.encoded.slots),
-                                   ref_values_ok))
-        b, a, _ = before_and_after(case, outputs[(n + 1) % len(outputs)])
-        stress_before.append(b)
-        stress_after.append(a)
+    measured = measure(card, card_dir, [eval_case(c) for c in test])
+    if measured.text is None:
+        raise SystemExit("BLEU and ROUGE-L need sacrebleu and rouge-score (the train extra)")
+    sections = measured.sections()
     rg1 = draft_report(card, card_dir, RG1_FINDINGS, RG1_CONTEXT)
     return {
         "rg1": f"{rg1.findings} | {rg1.impression}", "rg1_passed": rg1.consistency.passed,
-        "stress_before": rates(stress_before), "stress_after": rates(stress_after),
-        "bleu": round(bleu.score, 2), "bleu_signature": str(metric.get_signature()),
-        "rouge_l": round(rouge, 4), "before": rates(before), "after": rates(after),
-        "references": rates(on_refs), "repaired": repaired / len(test),
-        "positives": sum(r[0] for r in before), "absents": sum(r[2] for r in before),
-        "decode_seconds": decode_s, "examples": list(zip(test[:8], texts[:8], strict=True)),
+        "stress_before": sections["stress_before_check"],
+        "stress_after": sections["stress_after_check"],
+        "bleu": round(measured.text.bleu, 2), "bleu_signature": measured.text.bleu_signature,
+        "rouge_l": round(measured.text.rouge_l, 4), "before": sections["before_check"],
+        "after": sections["after_check"], "references": sections["extractor_on_references"],
+        "repaired": measured.repaired / len(test),
+        "positives": measured.positives, "absents": measured.absents,
+        "decode_seconds": measured.decode_seconds,
+        "examples": list(zip(test[:8], measured.texts[:8], strict=True)),
     }
+
+
+def export_eval(folder: Path, limit: int | None) -> None:
+    """Write the held-out test cases (the first ``limit``), drawn exactly as main() draws them
+    for evaluate(), as cases.jsonl for ``dicom-node evaluate report-drafter DIR``."""
+    started = time.perf_counter()
+    cases = make_cases(SEED + 2, TEST, references=REFERENCES)[:limit]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CASES_FILE
+    path.write_text("".join(case_json(i, c.findings, c.context, c.references) + "\n"
+                            for i, c in enumerate(cases)), encoding="utf-8")
+    (folder / "README.txt").write_text(
+        f"{NAME}: the first {len(cases)} of the {TEST} held-out test cases of train.py (seed "
+        f"{SEED}, stream {SEED + 2}, {REFERENCES} references per case), one JSON object per line "
+        f"in {CASES_FILE} (findings, context, references with slots); measure them with "
+        f"`dicom-node evaluate {NAME} DIR`.\n", encoding="utf-8")
+    print(f"wrote {len(cases)} of the {TEST} test cases (stream {SEED + 2}) to {path} in "
+          f"{time.perf_counter() - started:.1f} s")
 
 
 def write_vocabulary(path: Path, tokens: list[str]) -> None:
@@ -423,7 +372,17 @@ def main() -> int:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="measure the weights in --out again (after a change of the check) "
                         "and rewrite the card's evaluation; no training")
+    parser.add_argument("--export-eval", type=Path, metavar="DIR",
+                        help="no training: write the held-out test cases to DIR/cases.jsonl "
+                        "for `dicom-node evaluate report-drafter DIR`")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="with --export-eval: only the first N test cases")
     args = parser.parse_args()
+    if args.limit is not None and (args.export_eval is None or args.limit < 1):
+        parser.error("--limit N needs --export-eval and N >= 1")
+    if args.export_eval is not None:
+        export_eval(args.export_eval, args.limit)
+        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
