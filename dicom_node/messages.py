@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 
 @dataclass(frozen=True)
 class StoredInstance:
@@ -35,6 +37,15 @@ class CodedConcept:
     value: str
     scheme: str
     meaning: str
+
+    def item(self) -> Dataset:
+        """The concept as a code sequence item (Code Value, Coding Scheme Designator, Code
+        Meaning: the Basic Code Sequence Macro, PS3.3 Table 8.8-1)."""
+        item = Dataset()
+        item.CodeValue = self.value
+        item.CodingSchemeDesignator = self.scheme
+        item.CodeMeaning = self.meaning
+        return item
 
 
 @dataclass(frozen=True)

@@ -231,11 +231,11 @@ def _derived_instance(header: Dataset, source: Dataset, pixels: NDArray[Any],
     value3 = image_type[2] if len(image_type) > 2 and image_type[2] else "AXIAL"
     ds.ImageType = ["DERIVED", "SECONDARY", value3]
     ds.DerivationDescription = notice
-    ds.DerivationCodeSequence = [_code_item(derivation)]
+    ds.DerivationCodeSequence = [derivation.item()]
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source_uid
-    reference.PurposeOfReferenceCodeSequence = [_code_item(SOURCE_FOR_PROCESSING)]
+    reference.PurposeOfReferenceCodeSequence = [SOURCE_FOR_PROCESSING.item()]
     reference.SpatialLocationsPreserved = "YES"
     ds.SourceImageSequence = [reference]
     burned = str(source.get("BurnedInAnnotation", "")).upper() == "YES"
@@ -291,11 +291,3 @@ def _equipment(source: Dataset, when: datetime) -> list[Dataset]:
             station_name=str(source.get("StationName", "") or "") or None,
         ))
     return items
-
-
-def _code_item(code: CodedConcept) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme
-    item.CodeMeaning = code.meaning
-    return item

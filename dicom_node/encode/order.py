@@ -34,21 +34,15 @@ def _request_attributes(order: Order, study_uid: str) -> Dataset:
     if order.requested_procedure_description:
         item.RequestedProcedureDescription = order.requested_procedure_description
     if order.requested_procedure_codes:
-        item.RequestedProcedureCodeSequence = order.referenced_request(
-            study_uid).RequestedProcedureCodeSequence
+        item.RequestedProcedureCodeSequence = Sequence(
+            [code.item() for code in order.requested_procedure_codes[:1]])
     if order.scheduled_procedure_step_id:
         item.ScheduledProcedureStepID = order.scheduled_procedure_step_id
     if order.scheduled_procedure_step_description:
         item.ScheduledProcedureStepDescription = order.scheduled_procedure_step_description
     if order.scheduled_protocol_codes:
-        codes = Sequence()
-        for code in order.scheduled_protocol_codes:
-            entry = Dataset()
-            entry.CodeValue = code.value
-            entry.CodingSchemeDesignator = code.scheme
-            entry.CodeMeaning = code.meaning
-            codes.append(entry)
-        item.ScheduledProtocolCodeSequence = codes
+        item.ScheduledProtocolCodeSequence = Sequence(
+            [code.item() for code in order.scheduled_protocol_codes])
     return item
 
 

@@ -8,7 +8,6 @@ whole as DICOM JSON (``scheduled_steps.item_json``) and reads it back into an :c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -124,23 +123,9 @@ class Order:
         item.RequestedProcedureID = self.requested_procedure_id or None
         item.RequestedProcedureDescription = self.requested_procedure_description or None
         item.RequestedProcedureCodeSequence = Sequence(
-            [_code_item(c) for c in self.requested_procedure_codes[:1]])
+            [c.item() for c in self.requested_procedure_codes[:1]])
         return item
 
-    def to_json(self) -> str:
-        """For the job listing: what was matched, without patient data."""
-        return json.dumps({"method": self.method, "accession_number": self.accession_number,
-                           "requested_procedure": self.requested_procedure_description
-                           or ",".join(c.value for c in self.requested_procedure_codes),
-                           "scheduled_station_ae_title": self.scheduled_station_ae_title})
-
-
-def _code_item(code: CodedConcept) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme
-    item.CodeMeaning = code.meaning
-    return item
 
 
 def order_from_item(item: Dataset, step_id: int, method: str) -> Order:
