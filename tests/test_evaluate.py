@@ -4,13 +4,10 @@ align and compare their images correctly."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import importlib.util
-import io
 import json
-import subprocess
 import sys
 import types
 from collections.abc import Sequence
@@ -35,6 +32,7 @@ from dicom_node.evaluate.metrics import (
 from dicom_node.infer.card import ModelCard, load_card, parse_card
 from dicom_node.messages import CodedConcept, ModelIdentity, SegmentationResult, SourceFrame
 from tests.conftest import sample_file
+from tests.evaluate_runs import export_eval, run_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "chest-xray-cnn"
@@ -53,12 +51,8 @@ def load_module(name: str, path: Path) -> types.ModuleType:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 200 images of chest-xray-cnn's test split, exported by train.py."""
     folder = tmp_path_factory.mktemp("cxr-test")
-    done = subprocess.run(
-        [sys.executable, str(MODEL_DIR / "train.py"), "--export-eval", str(folder),
-         "--limit", str(SUBSET), "--workers", "2"],
-        capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    assert f"wrote {SUBSET} of the 2000 test images" in done.stdout
+    stdout = export_eval(MODEL_DIR, folder, SUBSET, "--workers", "2")
+    assert f"wrote {SUBSET} of the 2000 test images" in stdout
     return folder
 
 
@@ -67,11 +61,7 @@ def evaluated(exported: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> tuple[int, str, str, Path]:
     """``dicom-node evaluate`` on the export, once for the module: (exit code, stdout, stderr,
     --out folder)."""
-    out = tmp_path_factory.mktemp("cxr-eval")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["evaluate", str(MODEL_DIR), str(exported), "--out", str(out), "--check"])
-    return code, stdout.getvalue(), stderr.getvalue(), out
+    return run_evaluate(MODEL_DIR, exported, tmp_path_factory.mktemp("cxr-eval"))
 
 
 # --------------------------------------------------------------------------------------------

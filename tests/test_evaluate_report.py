@@ -10,7 +10,6 @@ import importlib.util
 import io
 import json
 import math
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -31,6 +30,7 @@ from dicom_node.evaluate.report import (
 from dicom_node.infer.card import ReportCard, load_card
 from dicom_node.infer.report_input import concept_table
 from dicom_node.messages import findings_from_json
+from tests.evaluate_runs import export_eval, run_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "report-drafter"
@@ -59,11 +59,8 @@ def card() -> ReportCard:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 40 of report-drafter's 600 test cases, exported by train.py."""
     folder = tmp_path_factory.mktemp("rd-test")
-    done = subprocess.run(
-        [sys.executable, str(MODEL_DIR / "train.py"), "--export-eval", str(folder),
-         "--limit", str(SUBSET)], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    assert f"wrote {SUBSET} of the 600 test cases" in done.stdout
+    stdout = export_eval(MODEL_DIR, folder, SUBSET)
+    assert f"wrote {SUBSET} of the 600 test cases" in stdout
     return folder
 
 
@@ -72,11 +69,7 @@ def evaluated(exported: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> tuple[int, str, str, Path]:
     """``dicom-node evaluate`` on the export, once for the module: (exit code, stdout, stderr,
     --out folder)."""
-    out = tmp_path_factory.mktemp("rd-eval")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["evaluate", str(MODEL_DIR), str(exported), "--out", str(out), "--check"])
-    return code, stdout.getvalue(), stderr.getvalue(), out
+    return run_evaluate(MODEL_DIR, exported, tmp_path_factory.mktemp("rd-eval"))
 
 
 def _metrics(evaluated: tuple[int, str, str, Path]) -> dict[str, Any]:
