@@ -75,13 +75,15 @@ Synthetic chest CT volumes drawn by synthetic.py (see its docstring): body, fat,
 spine, mediastinum, heart, aorta, trachea, lungs at about -850 HU with texture, pulmonary \\
 vessel trees (the nodule mimics), blur and noise; half of them with contrast-enhanced blood. \\
 Nodules: 0-4 per volume, solid ellipsoids of 3-25 mm (volume-equivalent diameter, \\
-log-uniform), -20 to 70 HU, about a third touching a vessel. Training volumes: \\
+log-uniform), -20 to 70 HU, about a third touching a vessel{small_draw}. Training volumes: \\
 {n_train_volumes} x 16 slices, pixels 1.5-2.3 mm, slices 1-5 mm apart, prepared as the node \\
 prepares a series; the fully convolutional network was trained on {n_train} patches of \\
-{crop}x{crop} (per volume: four per nodule, four at random, six centred on lung vessels, the \\
-hard negatives) and saved for {size}x{size} slices. The threshold was chosen on {n_val} \\
+{crop}x{crop} (per volume: {per_nodule}, four at random, {vessel_patches} centred on lung \\
+vessels, the hard negatives) with {loss} and saved for {size}x{size} slices. The \\
+threshold was chosen on {n_val} \\
 validation volumes by mean Dice at the source resolution (the probabilities resampled back as \\
-the node does): of the thresholds within 0.01 of the best, the nearest to 0.5. Metrics were \\
+the node does), among the thresholds that leave at most {fp_limit} false-positive regions per \\
+validation volume: of those within 0.01 of the best Dice, the nearest to 0.5. Metrics were \\
 measured on {n_test} held-out cases written as DICOM (256x256, pixels 1.2-1.6 mm, 40 slices \\
 1.25-3 mm apart) through dicom_node.infer.segment. All sets are disjoint seed streams of the \\
 same generator. Network training took {train_seconds:.0f} s of the run."""

@@ -380,9 +380,11 @@ def _random_rotation(rng: np.random.Generator) -> tuple[tuple[float, float, floa
 
 
 def random_nodules(rng: np.random.Generator, ph: Phantom, count: int,
-                   z_range: tuple[float, float]) -> tuple[Nodule, ...]:
-    """``count`` random nodules inside the lungs, centred in ``z_range``; ~1/3 touch a vessel."""
-    lo, hi = np.log(NODULE_DIAMETER_MM[0]), np.log(NODULE_DIAMETER_MM[1])
+                   z_range: tuple[float, float],
+                   diameter_mm: tuple[float, float] = NODULE_DIAMETER_MM) -> tuple[Nodule, ...]:
+    """``count`` random nodules inside the lungs, centred in ``z_range``; ~1/3 touch a vessel.
+    Diameters (volume-equivalent) are log-uniform in ``diameter_mm``."""
+    lo, hi = np.log(diameter_mm[0]), np.log(diameter_mm[1])
     starts, ends, radii = ph.vessels
     out: list[Nodule] = []
     for _ in range(count * 50):
@@ -419,7 +421,8 @@ def random_nodules(rng: np.random.Generator, ph: Phantom, count: int,
 
 
 def make_case(seed: int, grid: Grid, nodule_count: int | None = None,
-              nodules: tuple[Nodule, ...] | None = None) -> SyntheticCT:
+              nodules: tuple[Nodule, ...] | None = None,
+              diameter_mm: tuple[float, float] = NODULE_DIAMETER_MM) -> SyntheticCT:
     """One synthetic CT on ``grid``: given nodules, or ``nodule_count`` random ones (0–4 if
     None) within the grid's z range. The same seed and grid always give the same volume."""
     rng = np.random.default_rng(seed)
@@ -427,5 +430,5 @@ def make_case(seed: int, grid: Grid, nodule_count: int | None = None,
     if nodules is None:
         count = int(rng.integers(0, 5)) if nodule_count is None else nodule_count
         z_lo, z_hi = min(grid.z), max(grid.z)
-        nodules = random_nodules(rng, ph, count, (z_lo + 2.0, z_hi - 2.0))
+        nodules = random_nodules(rng, ph, count, (z_lo + 2.0, z_hi - 2.0), diameter_mm)
     return render(ph, grid, nodules, rng)
