@@ -212,7 +212,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from dicom_node.route import route_study, summarize_files
     from dicom_node.send.scu import expand_paths
     from dicom_node.worklist.match import find_step
-    from dicom_node.worklist.order import Order, item_from_json, order_from_item
+    from dicom_node.worklist.order import Order, step_order
 
     config = _load(args)
     target = Path(args.study)
@@ -234,7 +234,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         with sessions() as session:  # the same rules as completion; nothing is recorded
             found = find_step(session, summary, config.worklist.match_days)
         if found is not None:
-            order = order_from_item(item_from_json(found[0].item_json), found[0].id, found[1])
+            order = step_order(*found)
         print("worklist order: " + (f"matched by {order.method}, accession "
                                     f"{order.accession_number or '-'}" if order else "none"))
     fired = 0

@@ -40,6 +40,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.jobs.queue import create_jobs
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
+from dicom_node.mpps.status import FINAL_STATUSES, StepStatus
 from dicom_node.route import RouteDecision, route_study, summarize
 from dicom_node.store.db import (
     Instance,
@@ -56,7 +57,6 @@ from dicom_node.worklist.order import Order
 
 log = get_logger()
 
-FINAL_MPPS = ("COMPLETED", "DISCONTINUED")
 #: Longest study note kept (the reasons of an incomplete study).
 NOTE_LIMIT = 2000
 
@@ -133,11 +133,11 @@ def judge(session: Session, config: Config, study_uid: str, *, stable: bool,
         stale = timedelta(seconds=config.mpps.in_progress_timeout_seconds)
         quiet_for = config.mpps.unlisted_series_quiet_seconds
         for step in performed_steps_for_study(session, study_uid):
-            if step.status == "IN PROGRESS":
+            if step.status == StepStatus.IN_PROGRESS:
                 if now - step.updated_at <= stale:
                     missing.append(f"procedure step {step.sop_instance_uid} is still in "
                                    f"progress (MPPS)")
-            elif step.status == "DISCONTINUED" and config.mpps.on_discontinued == "hold":
+            elif step.status == StepStatus.DISCONTINUED and config.mpps.on_discontinued == "hold":
                 missing.append(f"procedure step {step.sop_instance_uid} was discontinued "
                                f"({step.discontinuation_reason or 'no reason given'})")
             else:
@@ -177,7 +177,7 @@ def _candidates(session: Session, config: Config, cutoff: datetime) -> list[_Sna
         final = (select(PerformedStudy.study_instance_uid)
                  .join(PerformedStep,
                        PerformedStep.sop_instance_uid == PerformedStudy.mpps_uid)
-                 .where(PerformedStep.status.in_(FINAL_MPPS)))
+                 .where(PerformedStep.status.in_(sorted(FINAL_STATUSES))))
         conditions.append((Study.state == StudyState.RECEIVING)
                           & Study.study_instance_uid.in_(final))
     return [_Snapshot(s.study_instance_uid, s.generation, s.last_received_at, s.state, s.note)

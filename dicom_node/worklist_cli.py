@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import load_config
 from dicom_node.log import configure_logging
 from dicom_node.store.db import ScheduledStep, make_engine, make_sessionmaker
-from dicom_node.worklist.order import item_from_json, order_from_item
+from dicom_node.worklist.order import step_order
 from dicom_node.worklist.refresh import enabled_section, refresh
 
 #: Columns of the listing (and keys of each ``--json`` step, which adds a few more).
@@ -44,7 +44,7 @@ def stored_steps(sessions: sessionmaker[Session]) -> list[dict[str, Any]]:
             ScheduledStep.id)))
     steps = []
     for row in rows:
-        order = order_from_item(item_from_json(row.item_json), row.id, "stored")
+        order = step_order(row, "stored")
         code = order.requested_procedure_codes[0] if order.requested_procedure_codes else None
         procedure = " ".join(x for x in (code.value if code else "",
                                          order.requested_procedure_description

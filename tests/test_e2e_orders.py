@@ -25,8 +25,8 @@ from tests.conftest import sample_file
 from tests.dicom_tools import dciodvfy
 from tests.mpps_scu import mpps_completed_dataset, mpps_create_dataset, send_mpps, send_mpps_set
 from tests.order_data import write_instance
-from tests.peers import NodeProcess, OrthancServer, dcmtk, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL, _sr_series, pacs_with_node
+from tests.peers import NodeProcess, OrthancServer, dcmtk
+from tests.test_e2e_orthanc import CHEST_MODEL, pacs_with_node, wait_for_the_sr
 from tests.worklist_peer import WorklistSCP
 
 ACCESSION = "ACC-E2E-0001"
@@ -62,14 +62,8 @@ def test_a_study_matched_by_accession_is_routed_by_procedure_code_and_its_sr_car
 
     sent = dcmtk("storescu", "-aec", pacs.ae_title, "127.0.0.1", str(pacs.dicom_port), source)
     assert sent.returncode == 0, sent.stderr
-    wait_until(lambda: bool(_sr_series(pacs, chest.StudyInstanceUID)), 120,
-               "the node's SR to arrive in Orthanc")
-
-    (series,) = _sr_series(pacs, chest.StudyInstanceUID)
-    (instance_id,) = series["Instances"]  # type: ignore[misc]
     sr_path = tmp_path / "result.dcm"
-    sr_path.write_bytes(pacs.instance_file(str(instance_id)))
-    sr = dcmread(sr_path)
+    sr = wait_for_the_sr(pacs, chest.StudyInstanceUID, sr_path)
     assert sr.AccessionNumber == ACCESSION
     (request,) = sr.ReferencedRequestSequence
     assert (request.AccessionNumber, request.RequestedProcedureID) == (ACCESSION, "RP-77")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from tests.conftest import sample_file
 from tests.dicom_tools import dciodvfy, dsrdump
@@ -35,9 +35,21 @@ def pacs_with_node(orthanc_factory: Callable[..., OrthancServer],
     return pacs, node.start()
 
 
-def _sr_series(pacs: OrthancServer, study_uid: str) -> list[dict[str, object]]:
+def sr_series(pacs: OrthancServer, study_uid: str) -> list[dict[str, object]]:
+    """The SR series Orthanc holds in a study."""
     return [s for s in pacs.series_of_study(study_uid)
             if s["MainDicomTags"].get("Modality") == "SR"]  # type: ignore[index, union-attr]
+
+
+def wait_for_the_sr(pacs: OrthancServer, study_uid: str, path: Path) -> Dataset:
+    """Wait for the node's one SR (one series, one instance) in the study; write it to ``path``
+    and return it."""
+    wait_until(lambda: bool(sr_series(pacs, study_uid)), 120,
+               "the node's SR to arrive in Orthanc")
+    (series,) = sr_series(pacs, study_uid)
+    (instance_id,) = series["Instances"]  # type: ignore[misc]
+    path.write_bytes(pacs.instance_file(str(instance_id)))
+    return dcmread(path)
 
 
 @pytest.mark.slow
@@ -50,13 +62,8 @@ def test_forwarded_chest_cr_comes_back_as_a_valid_sr_in_the_same_study(
     sent = dcmtk("storescu", "-aec", pacs.ae_title, "127.0.0.1", str(pacs.dicom_port), chest)
     assert sent.returncode == 0, sent.stderr
 
-    wait_until(lambda: bool(_sr_series(pacs, source.StudyInstanceUID)), 120,
-               "the node's SR to arrive in Orthanc")
-    (series,) = _sr_series(pacs, source.StudyInstanceUID)
-    (instance_id,) = series["Instances"]  # type: ignore[misc]
     sr_path = tmp_path / "result.dcm"
-    sr_path.write_bytes(pacs.instance_file(str(instance_id)))
-    sr = dcmread(sr_path)
+    sr = wait_for_the_sr(pacs, source.StudyInstanceUID, sr_path)
 
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID

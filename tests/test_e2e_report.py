@@ -13,17 +13,12 @@ from pydicom import Dataset, dcmread
 from tests.conftest import sample_file
 from tests.dicom_tools import dciodvfy, dsrdump
 from tests.peers import NodeProcess, OrthancServer, dcmtk, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL, pacs_with_node
+from tests.test_e2e_orthanc import CHEST_MODEL, pacs_with_node, sr_series
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_MODEL = {"name": "report-drafter", "path": str(REPO / "models" / "report-drafter")}
 ROUTE = {"name": "chest radiographs with report", "match": {"Modality": ["CR", "DX"]},
          "models": ["chest-xray-cnn", "report-drafter"], "send_to": ["pacs"]}
-
-
-def _sr_series(pacs: OrthancServer, study_uid: str) -> list[dict[str, object]]:
-    return [s for s in pacs.series_of_study(study_uid)
-            if s["MainDicomTags"].get("Modality") == "SR"]  # type: ignore[index, union-attr]
 
 
 def _texts(items: list[Dataset], name: str) -> list[str]:
@@ -46,10 +41,10 @@ def test_route_with_classifier_and_drafter_sends_both_srs_into_the_study(
     sent = dcmtk("storescu", "-aec", pacs.ae_title, "127.0.0.1", str(pacs.dicom_port), chest)
     assert sent.returncode == 0, sent.stderr
 
-    wait_until(lambda: len(_sr_series(pacs, source.StudyInstanceUID)) >= 2, 180,
+    wait_until(lambda: len(sr_series(pacs, source.StudyInstanceUID)) >= 2, 180,
                "both SRs (classifier and draft report) to arrive in Orthanc")
     srs: dict[str, Path] = {}
-    for series in _sr_series(pacs, source.StudyInstanceUID):
+    for series in sr_series(pacs, source.StudyInstanceUID):
         (instance_id,) = series["Instances"]  # type: ignore[misc]
         path = tmp_path / f"{instance_id}.dcm"
         path.write_bytes(pacs.instance_file(str(instance_id)))

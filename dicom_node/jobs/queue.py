@@ -25,15 +25,8 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node.config import JobsSection
 from dicom_node.messages import FindingRecord, findings_from_json, findings_to_json
-from dicom_node.store.db import (
-    Job,
-    JobState,
-    ScheduledStep,
-    Study,
-    StudyOrder,
-    StudyState,
-    utcnow,
-)
+from dicom_node.store.db import Job, JobState, Study, StudyState, utcnow
+from dicom_node.worklist.match import order_labels
 
 
 @dataclass(frozen=True)
@@ -251,7 +244,7 @@ def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> l
     if state:
         query = query.where(Job.state == JobState(state))
     jobs = list(session.scalars(query))
-    orders = study_order_labels(session, {job.study_instance_uid for job in jobs})
+    orders = order_labels(session, {job.study_instance_uid for job in jobs})
     return [{
         "id": job.id, "study_instance_uid": job.study_instance_uid,
         "generation": job.generation, "route": job.route_name, "model": job.model_name,
@@ -261,14 +254,3 @@ def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> l
         "order": orders.get(job.study_instance_uid, ""),
         "last_error": job.last_error or "",
     } for job in jobs]
-
-
-def study_order_labels(session: Session, study_uids: set[str]) -> dict[str, str]:
-    """Study UID → "<match rule> <accession number>" of its matched worklist order."""
-    if not study_uids:
-        return {}
-    rows = session.execute(
-        select(StudyOrder.study_instance_uid, StudyOrder.method, ScheduledStep.accession_number)
-        .join(ScheduledStep, ScheduledStep.id == StudyOrder.step_id)
-        .where(StudyOrder.study_instance_uid.in_(sorted(study_uids)))).all()
-    return {uid: f"{method} {accession or '(no accession)'}" for uid, method, accession in rows}

@@ -156,12 +156,12 @@ def study_instances(session: Session, study_uid: str) -> Sequence[Instance]:
 
 def list_studies(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     """Studies with their state and job counts, newest first (for `dicom-node studies`)."""
-    from dicom_node.jobs.queue import study_order_labels
+    from dicom_node.worklist.match import order_labels
 
     rows = []
     studies = list(session.scalars(
         select(Study).order_by(Study.last_received_at.desc()).limit(limit)))
-    orders = study_order_labels(session, {s.study_instance_uid for s in studies})
+    orders = order_labels(session, {s.study_instance_uid for s in studies})
     for study in studies:
         counts = dict(session.execute(
             select(Job.state, func.count()).where(

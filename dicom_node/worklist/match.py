@@ -29,7 +29,7 @@ from dicom_node.config import Config
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
 from dicom_node.store.db import ScheduledStep, Study, StudyOrder, StudyState, utcnow
-from dicom_node.worklist.order import Order, item_from_json, order_from_item
+from dicom_node.worklist.order import Order, step_order
 
 log = get_logger()
 
@@ -102,7 +102,7 @@ def match_study(session: Session, config: Config, summary: StudySummary) -> Orde
                                method=method, matched_at=utcnow()))
     elif (row.step_id, row.method) != (step.id, method):
         row.step_id, row.method, row.matched_at = step.id, method, utcnow()
-    order = order_from_item(item_from_json(step.item_json), step.id, method)
+    order = step_order(step, method)
     log.info("order_matched", study_uid=summary.study_instance_uid, rule=method,
              accession_number=order.accession_number,
              requested_procedure=order.requested_procedure_description
@@ -118,7 +118,7 @@ def order_for_study(session: Session, study_uid: str) -> Order | None:
     step = session.get(ScheduledStep, row.step_id)
     if step is None:
         return None
-    return order_from_item(item_from_json(step.item_json), step.id, row.method)
+    return step_order(step, row.method)
 
 
 def catch_up(config: Config, sessions: sessionmaker[Session], since: datetime) -> int:
@@ -143,3 +143,14 @@ def catch_up(config: Config, sessions: sessionmaker[Session], since: datetime) -
         if route_late_order(config, sessions, uid):
             matched += 1
     return matched
+
+
+def order_labels(session: Session, study_uids: set[str]) -> dict[str, str]:
+    """Study UID → "<match rule> <accession number>" of its matched worklist order."""
+    if not study_uids:
+        return {}
+    rows = session.execute(
+        select(StudyOrder.study_instance_uid, StudyOrder.method, ScheduledStep.accession_number)
+        .join(ScheduledStep, ScheduledStep.id == StudyOrder.step_id)
+        .where(StudyOrder.study_instance_uid.in_(sorted(study_uids)))).all()
+    return {uid: f"{method} {accession or '(no accession)'}" for uid, method, accession in rows}

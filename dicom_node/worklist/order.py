@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicom_node.messages import CodedConcept
+from dicom_node.store.db import ScheduledStep
 
 #: How a study was matched to its order, in the order the matcher tries them.
 MATCH_METHODS = ("study_uid", "accession", "patient_modality_date")
@@ -154,3 +155,8 @@ def order_from_item(item: Dataset, step_id: int, method: str) -> Order:
 def item_from_json(text: str) -> Dataset:
     """A stored worklist item (DICOM JSON) back as a dataset."""
     return Dataset.from_json(text)
+
+
+def step_order(step: ScheduledStep, method: str) -> Order:
+    """A stored scheduled step (its item kept as DICOM JSON) as an :class:`Order`."""
+    return order_from_item(item_from_json(step.item_json), step.id, method)
