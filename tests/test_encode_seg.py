@@ -484,6 +484,23 @@ def test_building_leaves_the_sources_unchanged() -> None:
     assert [s.to_json_dict() for s in slices] == before
 
 
+def test_changing_the_results_afterwards_leaves_the_sources_unchanged() -> None:
+    # the order's accession is set on the results after they are built (encode/order.py); the
+    # header copies share element objects with the sources, so this must not reach them
+    slices, res = single_frames()
+    before = [s.to_json_dict() for s in slices]
+
+    for built in build_both(slices, res):
+        changes = {"AccessionNumber": "CHANGED", "PatientID": "CHANGED", "StudyID": "CHANGED",
+                   "StudyDate": "20000101", "PatientName": "CHANGED^X",
+                   "FrameOfReferenceUID": "1.2.3.4"}
+        for keyword, value in changes.items():
+            if keyword in built:
+                setattr(built, keyword, value)
+
+    assert [s.to_json_dict() for s in slices] == before
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 

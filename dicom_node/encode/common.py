@@ -93,21 +93,30 @@ def select_sources(
             "the result references SOP instances that are not among the sources: "
             + ", ".join(unknown)
         )
-    return tuple(header_copy(by_uid[uid]) for uid in dict.fromkeys(referenced_sop_instance_uids))
+    referenced = list(dict.fromkeys(referenced_sop_instance_uids))
+    # highdicom copies the Patient/Study modules from the first header by *adding its element
+    # objects* to the new object: that one is a deep copy, so that setting an attribute of the
+    # result later (the order's Accession Number …) never reaches the caller's source. The others
+    # are only read (UIDs, geometry) and share their elements: copying them cost more than the
+    # rest of an SR (64 CT headers: 0.19 s of 0.3 s).
+    return tuple(header_copy(by_uid[uid], share=index > 0) for index, uid in enumerate(referenced))
 
 
-def header_copy(source: Dataset) -> Dataset:
+def header_copy(source: Dataset, *, share: bool = False) -> Dataset:
     """A copy of ``source`` up to Pixel Data (excluded), with the Type 2 Patient/Study attributes.
 
     The caller's dataset is left as it is. Missing Type 2 attributes are added empty, as PS3.5
-    §7.4.3 allows for an unknown value.
+    §7.4.3 allows for an unknown value. With ``share`` the copy holds the source's element objects
+    themselves (a new container, no new elements): for a header that is only read, never copied
+    from into a result.
     """
     header = Dataset()
     for element in source.elements():
         if element.tag >= _PIXEL_DATA_TAG:
             break
         # an element not parsed yet is an immutable tuple of its bytes: shared, not copied
-        header[element.tag] = element if isinstance(element, RawDataElement) else deepcopy(element)
+        shared = share or isinstance(element, RawDataElement)
+        header[element.tag] = element if shared else deepcopy(element)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, None)
