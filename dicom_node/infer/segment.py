@@ -187,15 +187,18 @@ def _inputs(vol: SeriesVolume, planes: range, card: SegmenterCard,
         unit = np.clip((vol.voxels[k] - bottom) / span, np.float32(0), np.float32(1))
         windowed = np.float32(low) + np.float32(high - low) * unit
         small[k] = np.asarray((w_rows @ windowed) @ w_cols_t, dtype=np.float64)
-    batch = []
-    for k in planes:
-        channels = [small[k]]
+    # filled in place: each channel is cast to float32 as it is stored (what stacking the
+    # float64 planes and casting the stack gave, without the two intermediate copies)
+    batch = np.empty((len(planes), *card.input.shape, card.input.channels), dtype=np.float32)
+    for i, k in enumerate(planes):
         if sides:
             (lo_m, w_m), (lo_p, w_p) = sides
-            channels = [interpolate_plane(small, lo_m[k], w_m[k]), small[k],
-                        interpolate_plane(small, lo_p[k], w_p[k])]
-        batch.append(np.stack(channels, axis=-1))
-    return np.stack(batch).astype(np.float32)
+            batch[i, :, :, 0] = interpolate_plane(small, lo_m[k], w_m[k])
+            batch[i, :, :, 1] = small[k]
+            batch[i, :, :, 2] = interpolate_plane(small, lo_p[k], w_p[k])
+        else:
+            batch[i, :, :, 0] = small[k]
+    return batch
 
 
 def _check_output(model: Any, card: SegmenterCard) -> None:

@@ -267,16 +267,19 @@ def _pixels(ds: Dataset) -> NDArray[Any]:
     return arr
 
 
-def _values(frame: _Frame, stored: NDArray[Any]) -> NDArray[np.float32]:
+def _values(frame: _Frame, stored: NDArray[Any], out: NDArray[np.float32]) -> None:
+    """The frame's values (HU for CT) written into ``out`` (float32, the frame's shape)."""
     if frame.slope is None:
         try:
-            out = apply_modality_lut(stored, frame.ds)
+            out[...] = apply_modality_lut(stored, frame.ds)
         except (ValueError, NotImplementedError, KeyError, IndexError, AttributeError) as exc:
             raise PreprocessingError(
                 f"{_describe(frame.ds)}: cannot apply the Modality LUT: {exc}") from exc
-        return np.asarray(out, dtype=np.float32)
-    return (stored.astype(np.float32) * np.float32(frame.slope)
-            + np.float32(frame.intercept))
+        return
+    # stored × slope + intercept in float32, as stored.astype(float32) * slope + intercept
+    # computes it, without the intermediate arrays
+    np.multiply(stored, np.float32(frame.slope), out=out, dtype=np.float32)
+    out += np.float32(frame.intercept)
 
 
 def load_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
@@ -313,12 +316,17 @@ def load_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
     tilt = float(np.max(np.linalg.norm(in_plane - in_plane[0], axis=1))) if len(frames) else 0.0
     usual, extents, warnings = _spacing_report(offsets, tilt)
     decoded: dict[int, NDArray[Any]] = {}
-    planes = []
-    for f in frames:
+    voxels: NDArray[np.float32] | None = None
+    for i, f in enumerate(frames):
         key = id(f.ds)
         if key not in decoded:
             decoded[key] = _pixels(f.ds)
-        planes.append(_values(f, decoded[key][f.index]))
+        stored = decoded[key][f.index]
+        if voxels is None:  # filled in place: no list of planes stacked (twice the memory)
+            voxels = np.empty((len(frames), *stored.shape), dtype=np.float32)
+        _values(f, stored, voxels[i])
+    if voxels is None:
+        raise PreprocessingError("the instances hold no frames")
     spacing = frames[0].spacing
     affine = np.eye(4)
     affine[:3, 0] = normal * usual
@@ -330,7 +338,7 @@ def load_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         frames=tuple(SourceFrame(f.sop_instance_uid, f.index + 1) for f in frames),
-        voxels=np.stack(planes).astype(np.float32, copy=False),
+        voxels=voxels,
         positions=positions,
         orientation=tuple(float(v) for v in orientation),  # type: ignore[arg-type]
         normal=normal,
