@@ -10,6 +10,7 @@ studies       list studies and their state
 jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
 route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
 reprocess     route processed studies again (a new generation), or an incomplete one now
+purge         delete the files of processed studies now ([retention]; --dry-run lists them)
 worklist      query the RIS's Modality Worklist now and list the stored scheduled steps
 mpps          list the performed procedure steps modalities reported (MPPS)
 models        list, show or validate model cards (``models validate`` exits 2 on a mistake)
@@ -199,13 +200,43 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     config = _load(args)
     sessions = _sessions(config)
     forced = [uid for uid in args.studies if force(config, sessions, uid)]
-    done = reprocess(sessions, [uid for uid in args.studies if uid not in forced])
+    done, purged = reprocess(sessions, [uid for uid in args.studies if uid not in forced])
     for uid in args.studies:
         outcome = ("was incomplete; routed now with what arrived" if uid in forced
                    else "reopened; routed again at the next completion sweep" if uid in done
+                   else f"its files were deleted by retention on {purged[uid]:%Y-%m-%d %H:%M}Z: "
+                        "send the study to the node again, then reprocess it" if uid in purged
                    else "not processed yet, or unknown: left alone")
         print(f"{uid}: {outcome}")
     return 0 if len(done) + len(forced) == len(args.studies) else 1
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_node.retention import GRACE_SECONDS, Retention
+
+    config = _load(args)
+    section = config.retention
+    if section is None or not section.enabled:
+        print("retention is off: no [retention] section (or enabled = false) in the config; "
+              "nothing is deleted")
+        return 0
+    if not args.dry_run:
+        print(f"deleting; files are moved back if they were being stored meanwhile, so this "
+              f"takes {GRACE_SECONDS:.0f} s more", file=sys.stderr)
+    report = Retention(_sessions(config)).run(config, dry_run=args.dry_run)
+    rows = [{"study_instance_uid": c.study_instance_uid, "state": str(c.state),
+             "last_activity": c.last_activity.isoformat(timespec="seconds") + "Z",
+             "files": c.files, "mb": round(c.bytes / 1e6, 1), "reason": c.reason}
+            for c in report.purged]
+    _print_rows(rows, ["study_instance_uid", "state", "last_activity", "files", "mb", "reason"],
+                args.json)
+    if not args.json:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {len(report.purged)} study(ies), {report.files} file(s), "
+              f"{report.bytes / 1e6:.1f} MB; free: {report.free_bytes_after / 1e9:.1f} GB"
+              + (f"; {report.restored} file(s) stored meanwhile were kept"
+                 if report.restored else ""))
+    return 0
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -298,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reprocess", help="route processed studies again (new generation, new results)"))
     p.add_argument("studies", nargs="+", metavar="STUDY_UID")
     p.set_defaults(func=cmd_reprocess)
+    p = with_config(sub.add_parser(
+        "purge", help="delete the files of processed studies now, as [retention] says"))
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_purge)
     p = with_config(sub.add_parser("route", help="show which routes fire for a study"))
     p.add_argument("--dry-run", action="store_true", required=True,
                    help="only evaluate; nothing is queued")

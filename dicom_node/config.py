@@ -182,6 +182,22 @@ class MppsSection(_Section):
     unlisted_series_quiet_seconds: Seconds = 10.0
 
 
+class RetentionSection(_Section):
+    """Deleting the spool files and results of studies the node has finished with
+    (docs/retention.md). The PACS keeps the images; the node is not an archive."""
+
+    enabled: bool = True
+    #: Processed studies (done, unrouted) are deleted this many days after their last activity
+    #: (last instance received, completed, last job ended).
+    keep_days: Annotated[float, Field(gt=0, le=3650)] = 7.0
+    #: Studies with a job that failed for good are kept longer, for the administrator.
+    keep_failed_days: Annotated[float, Field(gt=0, le=3650)] = 30.0
+    #: Below this much free space on data_dir's file system, processed studies are deleted
+    #: oldest first whatever their age (never one still receiving, incomplete or in work).
+    min_free_gb: Annotated[float, Field(ge=0)] = 5.0
+    interval_minutes: Annotated[float, Field(gt=0, le=10_080)] = 60.0
+
+
 class Destination(_Section):
     name: str = Field(min_length=1)
     ae_title: AETitle
@@ -284,6 +300,8 @@ class Config(_Section):
     worklist: WorklistSection | None = None
     #: MPPS SCP (absent: studies complete by the stable-age timer only).
     mpps: MppsSection | None = None
+    #: Deleting processed studies' files; None (no section): nothing is ever deleted.
+    retention: RetentionSection | None = None
     #: Where the file was read from (set by load_config; not a key of the file).
     source: Path | None = Field(default=None, exclude=True)
 

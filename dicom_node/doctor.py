@@ -158,7 +158,19 @@ def check_data_dir(config: Config) -> list[Check]:
                       else "warn" if usage.free < DISK_WARN_BYTES else "ok")
     disk = Check("disk", status, f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB "
                  f"({100 * usage.free / usage.total:.0f} %) at {existing}")
-    return [writable, disk]
+    return [writable, disk, check_retention(config, usage.free)]
+
+
+def check_retention(config: Config, free: int) -> Check:
+    section = config.retention
+    if section is None or not section.enabled:
+        return Check("retention", "warn", "off: no file is ever deleted, so the spool grows until "
+                     "the disk is full (docs/retention.md)")
+    status: Status = "warn" if free < section.min_free_gb * 1e9 else "ok"
+    return Check("retention", status,
+                 f"processed studies kept {section.keep_days:g} days, failed ones "
+                 f"{section.keep_failed_days:g}; below {section.min_free_gb:g} GB free the oldest "
+                 f"go first (now {free / 1e9:.1f} GB free)")
 
 
 def check_tools() -> Check:

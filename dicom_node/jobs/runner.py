@@ -30,6 +30,7 @@ from dicom_node.messages import (
     findings_from_json,
     findings_to_json,
 )
+from dicom_node.retention import purged_at
 from dicom_node.send.scu import send_files
 from dicom_node.store.index import study_instances
 from dicom_node.store.spool import write_file
@@ -57,6 +58,12 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
         paths = [config.node.data_dir / i.path for i in instances
                  if not modalities or i.modality in modalities]
     if not paths:
+        with sessions() as session:
+            deleted = purged_at(session, job.study_instance_uid)
+        if deleted is not None:
+            raise PreprocessingError(
+                f"retention deleted the study's files on {deleted:%Y-%m-%d %H:%M}Z; send the "
+                "study to the node again, then reprocess it")
         raise PreprocessingError(
             f"the study has no instance of modality {' or '.join(modalities)} for this model")
     return [dcmread(p, stop_before_pixels=headers_only) for p in paths]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -189,6 +190,24 @@ class PerformedStudy(Base):
     mpps_uid: Mapped[str] = mapped_column(
         ForeignKey("performed_steps.sop_instance_uid", ondelete="CASCADE"), primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class PurgedStudy(Base):
+    """A study whose spool files and results retention deleted (dicom_node.retention). Its
+    instance rows stay, with an empty path, so that a PACS re-sending it is seen re-sending
+    known instances, which never reopens a processed study."""
+
+    __tablename__ = "purged_studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), primary_key=True)
+    #: The last time files of the study were deleted.
+    purged_at: Mapped[datetime] = mapped_column(DateTime)
+    #: "age" (older than keep_days/keep_failed_days) or "disk" (below min_free_gb).
+    reason: Mapped[str] = mapped_column(String(16))
+    #: Files and bytes deleted, over every purge of the study.
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

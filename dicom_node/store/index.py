@@ -12,7 +12,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.messages import StoredInstance
-from dicom_node.store.db import Instance, Job, JobState, Study, StudyState, utcnow
+from dicom_node.store.db import (
+    Instance,
+    Job,
+    JobState,
+    PurgedStudy,
+    Study,
+    StudyState,
+    utcnow,
+)
 
 #: Study states after processing; an instance arriving in one of these reopens the study.
 PROCESSED_STATES = frozenset({StudyState.ROUTED, StudyState.UNROUTED, StudyState.DONE,
@@ -36,7 +44,7 @@ _INSERT_INSTANCE = text(
 ).bindparams(bindparam("now", type_=DateTime()))
 _UPDATE_INSTANCE = text(
     "UPDATE instances SET transfer_syntax_uid = :ts, size = :size, calling_ae_title = :aet, "
-    "received_at = :now WHERE sop_instance_uid = :sop"
+    "received_at = :now, path = :path WHERE sop_instance_uid = :sop"
 ).bindparams(bindparam("now", type_=DateTime()))
 _TOUCH_STUDY = text(
     "UPDATE studies SET instance_count = instance_count + :added, "
@@ -95,7 +103,8 @@ def record_instance(
                                             "sop_class": sop_class_uid, "modality": modality,
                                             "path": relative_path})
         elif update_existing:
-            conn.execute(_UPDATE_INSTANCE, fields)
+            # the path too: an instance whose file retention deleted (path "") has one again
+            conn.execute(_UPDATE_INSTANCE, {**fields, "path": relative_path})
         conn.execute(_TOUCH_STUDY, {**ids, "added": 0 if existing else 1, "own": own_result,
                                     "now": now})
         reopened = not existing and not own_result and StudyState(state) in PROCESSED_STATES
@@ -116,16 +125,23 @@ def record_instance(
         reopened_study=reopened)
 
 
-def reprocess(sessions: sessionmaker[Session], study_uids: Sequence[str]) -> list[str]:
+def reprocess(sessions: sessionmaker[Session], study_uids: Sequence[str]
+              ) -> tuple[list[str], dict[str, datetime]]:
     """Administrator's re-run: reopen processed studies (new generation) and make them due for
     completion at the next sweep, e.g. after adding a route for studies that were unrouted.
-    Returns the UIDs reopened; studies still receiving or unknown are left alone."""
+    Returns the UIDs reopened, and those left alone because retention deleted every file of
+    theirs (with when); studies still receiving or unknown are left alone too."""
     now = utcnow()
     reopened = []
+    purged: dict[str, datetime] = {}
     with sessions.begin() as session:
         for uid in study_uids:
             study = session.get(Study, uid)
             if study is None or study.state not in PROCESSED_STATES:
+                continue
+            record = session.get(PurgedStudy, uid)
+            if record is not None and not study_instances(session, uid):
+                purged[uid] = record.purged_at
                 continue
             study.state = StudyState.RECEIVING
             study.generation += 1
@@ -134,7 +150,7 @@ def reprocess(sessions: sessionmaker[Session], study_uids: Sequence[str]) -> lis
             study.last_received_at = now - timedelta(days=1)
             study.note = f"reprocess requested by an administrator at {now.isoformat()}Z"
             reopened.append(uid)
-    return reopened
+    return reopened, purged
 
 
 def stable_studies(session: Session, stable_after: timedelta, now: datetime) -> Sequence[Study]:
@@ -148,8 +164,11 @@ def stable_studies(session: Session, stable_after: timedelta, now: datetime) -> 
 
 
 def study_instances(session: Session, study_uid: str) -> Sequence[Instance]:
+    """The study's instances that have a file in the spool (retention empties the path of the
+    ones it deleted), by series, then as received."""
     return session.scalars(
         select(Instance).where(Instance.study_instance_uid == study_uid)
+        .where(Instance.path != "")
         .order_by(Instance.series_instance_uid, Instance.received_at)
     ).all()
 

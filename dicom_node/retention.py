@@ -1,0 +1,317 @@
+"""Retention: delete the spool files and results of studies the node has finished with.
+
+The node is a router, not an archive: once a study's results are in the PACS, its images there
+are the copy that counts. Without clean-up the spool grows until the disk is full and the
+receiver must refuse studies (0xA700). A pass (every ``retention.interval_minutes`` in the
+receiver's scheduler, or ``dicom-node purge``):
+
+1. **By age.** A study that is *done* or *unrouted* and whose last activity (last instance
+   received, completion, last job ended) is older than ``keep_days``, or *failed* and older than
+   ``keep_failed_days``, loses its spool folder and its results folder.
+2. **By disk space.** While the free space on data_dir's file system is below ``min_free_gb``,
+   more processed studies (done, unrouted, failed) go, the least recently active first,
+   whatever their age; a ``disk_space_low`` error says so when nothing more may go.
+
+Never deleted: a study still receiving, held as incomplete, or routed (jobs pending or running).
+
+**No acknowledged instance is lost on the way.** The receiver writes a file before it commits
+its index row, so a file being stored while its study is purged could otherwise be deleted
+after its row said "stored". A purge therefore (a) moves the study's folders into
+``<data_dir>/trash/`` first (a rename: whatever the receiver writes afterwards lands in a new
+folder), (b) in one transaction checks that the study is still eligible (a new instance reopens
+a study, which makes it ineligible: the folders are moved back) and empties the ``path`` of the
+instances received before the move, then (c) after :data:`GRACE_SECONDS` (longer than the
+database's busy timeout, the longest a store can wait between its file and its row) moves back
+any file whose row says it is stored and deletes the rest. A crash between the steps leaves the
+trash to the next pass, which runs the same check first.
+
+The instance rows stay, with an empty path, and the study's row, jobs and findings too: a PACS
+re-sending the study re-sends known instances, which are stored again but never reopen a
+processed study (no duplicate results); ``purged_studies`` records when and why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Config, RetentionSection
+from dicom_node.log import get_logger
+from dicom_node.store.db import Instance, Job, PurgedStudy, Study, StudyState, utcnow
+from dicom_node.store.spool import fsync_dir
+from dicom_node.uids import validate_uid
+
+log = get_logger()
+
+#: States whose files may go, and the section field that says after how many days.
+_KEEP = {StudyState.DONE: "keep_days", StudyState.UNROUTED: "keep_days",
+         StudyState.FAILED: "keep_failed_days"}
+#: Seconds between moving a study's files to the trash and deleting them: longer than the
+#: SQLite busy timeout (30 s), the longest a store can wait between writing its file and
+#: committing its row.
+GRACE_SECONDS = 35.0
+TRASH = "trash"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A study retention may delete, with what it would free (from the index)."""
+
+    study_instance_uid: str
+    state: StudyState
+    last_activity: datetime
+    files: int
+    bytes: int
+    #: "age" or "disk".
+    reason: str
+
+
+@dataclass
+class PassReport:
+    """What one retention pass did (or, dry, would do)."""
+
+    purged: list[Candidate] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    restored: int = 0
+    free_bytes_before: int = 0
+    free_bytes_after: int = 0
+
+
+def _last_activity(session: Session, study_uid: str | None = None
+                   ) -> dict[str, tuple[StudyState, datetime, int, int]]:
+    """Per processed study with files in the spool (or only ``study_uid``): state, last
+    activity, files, bytes."""
+    jobs = select(Job.study_instance_uid, func.max(Job.updated_at).label("ended"))
+    files = (select(Instance.study_instance_uid, func.count().label("n"),
+                    func.coalesce(func.sum(Instance.size), 0).label("size"))
+             .where(Instance.path != ""))
+    studies = select(Study).where(Study.state.in_(list(_KEEP)))
+    if study_uid is not None:
+        jobs = jobs.where(Job.study_instance_uid == study_uid)
+        files = files.where(Instance.study_instance_uid == study_uid)
+        studies = studies.where(Study.study_instance_uid == study_uid)
+    jobs_q = jobs.group_by(Job.study_instance_uid).subquery()
+    files_q = files.group_by(Instance.study_instance_uid).subquery()
+    study_q = studies.subquery()
+    rows = session.execute(
+        select(study_q.c.study_instance_uid, study_q.c.state, study_q.c.last_received_at,
+               study_q.c.completed_at, jobs_q.c.ended, files_q.c.n, files_q.c.size)
+        .join(files_q, files_q.c.study_instance_uid == study_q.c.study_instance_uid)
+        .outerjoin(jobs_q, jobs_q.c.study_instance_uid == study_q.c.study_instance_uid))
+    out = {}
+    for uid, state, received, completed, ended, n, size in rows:
+        last = max(t for t in (received, completed, ended) if t is not None)
+        out[uid] = (StudyState(state), last, int(n), int(size))
+    return out
+
+
+def candidates(session: Session, section: RetentionSection, now: datetime,
+               free_bytes: int) -> list[Candidate]:
+    """The studies a pass deletes, in order: those old enough, then, while the space they free
+    leaves less than ``min_free_gb`` free, the least recently active other processed ones."""
+    studies = sorted(_last_activity(session).items(), key=lambda item: item[1][1])
+    chosen: list[Candidate] = []
+    rest: list[Candidate] = []
+    for uid, (state, last, n, size) in studies:
+        keep = timedelta(days=float(getattr(section, _KEEP[state])))
+        aged = now - last >= keep
+        (chosen if aged else rest).append(
+            Candidate(uid, state, last, n, size, "age" if aged else "disk"))
+    need = int(section.min_free_gb * 1e9) - free_bytes - sum(c.bytes for c in chosen)
+    for candidate in rest:
+        if need <= 0:
+            break
+        chosen.append(candidate)
+        need -= candidate.bytes
+    return chosen
+
+
+def _eligible(session: Session, uid: str, section: RetentionSection, now: datetime,
+              reason: str) -> bool:
+    """Re-checked inside the purge's transaction: the study may have changed since."""
+    current = _last_activity(session, uid).get(uid)
+    if current is None:
+        return False
+    state, last, _, _ = current
+    return reason == "disk" or now - last >= timedelta(days=float(getattr(section, _KEEP[state])))
+
+
+class Retention:
+    """Runs retention passes over one node's data_dir and index."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, grace_seconds: float = GRACE_SECONDS,
+                 free_bytes: Callable[[Path], int] | None = None) -> None:
+        self.sessions = sessions
+        self.grace_seconds = grace_seconds
+        # how much space is free where data_dir lives (a parameter so tests can set it)
+        self.free_bytes = free_bytes or (lambda path: shutil.disk_usage(path).free)
+
+    def run(self, config: Config, *, dry_run: bool = False,
+            now: datetime | None = None) -> PassReport:
+        """One pass (see the module docstring); ``dry_run`` only reports what would go."""
+        section = config.retention
+        report = PassReport()
+        if section is None or not section.enabled:
+            return report
+        data_dir = config.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not dry_run:  # what a pass that crashed (or runs in another process) left
+            report.restored += self._empty_trash(config, older_than=self.grace_seconds)
+        now = now or utcnow()
+        report.free_bytes_before = self.free_bytes(data_dir)
+        with self.sessions() as session:
+            chosen = candidates(session, section, now, report.free_bytes_before)
+        if dry_run:
+            report.purged = chosen
+            report.files = sum(c.files for c in chosen)
+            report.bytes = sum(c.bytes for c in chosen)
+            report.free_bytes_after = report.free_bytes_before
+            return report
+        trash = data_dir / TRASH / now.strftime("%Y%m%dT%H%M%S%f")
+        for candidate in chosen:
+            if self._purge(config, section, candidate, trash, now):
+                report.purged.append(candidate)
+                report.files += candidate.files
+                report.bytes += candidate.bytes
+                log.info("retention_purged", study_uid=candidate.study_instance_uid,
+                         state=str(candidate.state), reason=candidate.reason,
+                         files=candidate.files, mb=round(candidate.bytes / 1e6, 1),
+                         idle_days=round((now - candidate.last_activity).total_seconds()
+                                         / 86400, 1))
+        if report.purged:
+            time.sleep(self.grace_seconds)
+            report.restored += self._empty_trash(config, only=trash)
+        report.free_bytes_after = self.free_bytes(data_dir)
+        self._log_pass(config, section, report)
+        return report
+
+    def _log_pass(self, config: Config, section: RetentionSection, report: PassReport) -> None:
+        if report.purged or report.restored:
+            log.info("retention_pass", studies=len(report.purged), files=report.files,
+                     mb=round(report.bytes / 1e6, 1), restored=report.restored,
+                     free_gb=round(report.free_bytes_after / 1e9, 2))
+        if report.free_bytes_after < section.min_free_gb * 1e9:
+            with self.sessions() as session:
+                held = dict(session.execute(
+                    select(Study.state, func.count()).group_by(Study.state)).all())
+            log.error("disk_space_low", free_gb=round(report.free_bytes_after / 1e9, 2),
+                      min_free_gb=section.min_free_gb, data_dir=str(config.node.data_dir),
+                      kept={str(k): v for k, v in held.items() if k not in _KEEP},
+                      reason="every study retention may delete is deleted; the rest are "
+                             "receiving, incomplete or in work")
+
+    def _purge(self, config: Config, section: RetentionSection, candidate: Candidate,
+               trash: Path, now: datetime) -> bool:
+        """Move the study's folders to ``trash``, then mark its instances purged; False (and
+        the folders moved back) when it is no longer eligible."""
+        uid = validate_uid(candidate.study_instance_uid, "Study Instance UID")
+        folders = [(config.spool_dir / uid, trash / "spool" / uid),
+                   (config.results_dir / uid, trash / "results" / uid)]
+        moved = []
+        for source, target in folders:
+            if source.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+                fsync_dir(source.parent)
+                moved.append((source, target))
+        moved_at = utcnow()
+        with self.sessions.begin() as session:
+            if not _eligible(session, uid, section, now, candidate.reason):
+                eligible = False
+            else:
+                eligible = True
+                session.execute(
+                    update(Instance).where(Instance.study_instance_uid == uid)
+                    .where(Instance.path != "").where(Instance.received_at <= moved_at)
+                    .values(path=""))
+                record = session.get(PurgedStudy, uid)
+                if record is None:
+                    record = PurgedStudy(study_instance_uid=uid, files=0, bytes=0)
+                    session.add(record)
+                record.purged_at, record.reason = now, candidate.reason
+                record.files += candidate.files
+                record.bytes += candidate.bytes
+        if not eligible:
+            for source, target in moved:
+                _move_back(target, source)
+            log.info("retention_skipped", study_uid=uid,
+                     reason="the study changed while it was being deleted (new instance or job)")
+        return eligible
+
+    def _empty_trash(self, config: Config, *, only: Path | None = None,
+                     older_than: float = 0.0) -> int:
+        """Move back every trashed file whose instance row says it is stored (it was being
+        stored while its study was purged), then delete the trash: the folder ``only``, or
+        every pass's folder last changed more than ``older_than`` seconds ago (another pass may
+        be waiting out its grace). Returns the files moved back."""
+        root = config.node.data_dir / TRASH
+        if only is not None:
+            passes = [only] if only.is_dir() else []
+        elif root.is_dir():
+            passes = [p for p in root.iterdir()
+                      if p.is_dir() and time.time() - _changed(p) > older_than]
+        else:
+            passes = []
+        restored = 0
+        for folder in passes:
+            restored += self._restore(config, folder)
+            shutil.rmtree(folder)
+        if passes and not any(root.iterdir()):
+            root.rmdir()
+        return restored
+
+    def _restore(self, config: Config, folder: Path) -> int:
+        restored = 0
+        with self.sessions() as session:
+            for spool in folder.glob("spool/*"):
+                for path in spool.rglob("*.dcm"):
+                    row = session.get(Instance, path.stem)
+                    if row is None or not row.path:
+                        continue
+                    final = config.node.data_dir / row.path
+                    if not final.exists():
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(path, final)
+                        fsync_dir(final.parent)
+                        restored += 1
+                        log.warning("retention_restored", study_uid=row.study_instance_uid,
+                                    sop_instance_uid=row.sop_instance_uid,
+                                    reason="stored while its study was being deleted")
+        return restored
+
+
+def _changed(folder: Path) -> float:
+    """When a pass's trash folder last got a study (its spool/ and results/ entries change)."""
+    return max([folder.stat().st_mtime, *(c.stat().st_mtime for c in folder.iterdir())])
+
+
+def _move_back(trashed: Path, original: Path) -> None:
+    """Undo a move to the trash; files the receiver wrote meanwhile (a new folder) are kept."""
+    if not original.exists():
+        original.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(trashed, original)
+        fsync_dir(original.parent)
+        return
+    for path in sorted(trashed.rglob("*")):
+        if path.is_file():
+            target = original / path.relative_to(trashed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                os.replace(path, target)
+                fsync_dir(target.parent)
+    shutil.rmtree(trashed)
+
+
+def purged_at(session: Session, study_uid: str) -> datetime | None:
+    """When retention last deleted files of the study; None if it never did."""
+    record = session.get(PurgedStudy, study_uid)
+    return None if record is None else record.purged_at

@@ -1,0 +1,304 @@
+"""Retention: processed studies' files deleted by age and under disk pressure, nothing in work
+touched, no stored instance lost to a purge running at the same time, re-sent studies not
+reprocessed. Studies arrive through the real receiver from DCMTK's storescu."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+from structlog.testing import capture_logs
+
+from dicom_node.config import load_config
+from dicom_node.errors import ConfigError
+from dicom_node.receive.scp import Receiver
+from dicom_node.retention import Retention, candidates
+from dicom_node.scheduler import RETENTION_JOB, ReceiverScheduler
+from dicom_node.store.db import (
+    Instance,
+    PurgedStudy,
+    Study,
+    StudyState,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+from dicom_node.store.index import reprocess
+from tests.conftest import BASIC_CONFIG, free_port, sample_file, write_config
+
+RETENTION = """
+[retention]
+keep_days = 7
+keep_failed_days = 30
+min_free_gb = 1
+interval_minutes = 60
+"""
+GB = 1_000_000_000
+PLENTY = 100 * GB
+
+
+def _config_text(extra: str = RETENTION) -> str:
+    return BASIC_CONFIG.format(port=free_port(), stable=3600, node_extra="") + extra
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Receiver]:
+    config = load_config(write_config(tmp_path, _config_text()))
+    rx = Receiver(config, make_engine(config.database.url))
+    rx.start()
+    try:
+        yield rx
+    finally:
+        rx.stop()
+
+
+def _study_files(folder: Path, name: str, count: int = 3) -> tuple[str, list[Path]]:
+    """``count`` copies of a pydicom test image as one new study, written to ``folder``."""
+    study = generate_uid()
+    series = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds = dcmread(sample_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        path = folder / f"{study[-12:]}-{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study, paths
+
+
+def _storescu(rx: Receiver, paths: list[Path]) -> None:
+    done = subprocess.run(
+        ["storescu", "-aec", "DICOM_NODE", "127.0.0.1", str(rx.port), *map(str, paths)],
+        env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60,
+        check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def _set_state(rx: Receiver, study: str, state: StudyState, days_ago: float) -> None:
+    when = utcnow() - timedelta(days=days_ago)
+    with rx.context.sessions.begin() as session:
+        session.execute(update(Study).where(Study.study_instance_uid == study).values(
+            state=state, last_received_at=when, completed_at=when))
+
+
+def _spooled(rx: Receiver, study: str) -> list[Path]:
+    return sorted((rx.context.config.spool_dir / study).rglob("*.dcm"))
+
+
+def _paths(rx: Receiver, study: str) -> list[str]:
+    with rx.context.sessions() as session:
+        return list(session.scalars(select(Instance.path)
+                                    .where(Instance.study_instance_uid == study)))
+
+
+def _retention(rx: Receiver, free: int = PLENTY) -> Retention:
+    return Retention(rx.context.sessions, grace_seconds=0.0, free_bytes=lambda _: free)
+
+
+def test_old_processed_studies_go_and_everything_in_work_stays(node: Receiver,
+                                                               tmp_path: Path) -> None:
+    studies = {}
+    for label, state, days in [("old done", StudyState.DONE, 8),
+                               ("old unrouted", StudyState.UNROUTED, 10),
+                               ("young done", StudyState.DONE, 2),
+                               ("failed 8 days", StudyState.FAILED, 8),
+                               ("failed 31 days", StudyState.FAILED, 31),
+                               ("old routed", StudyState.ROUTED, 40),
+                               ("old incomplete", StudyState.INCOMPLETE, 40),
+                               ("old receiving", StudyState.RECEIVING, 40)]:
+        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+        _storescu(node, paths)
+        _set_state(node, study, state, days)
+        studies[label] = study
+    results = node.context.config.results_dir / studies["old done"] / "0" / "abc"
+    results.mkdir(parents=True)
+    (results / "findings.json").write_text("[]")
+
+    with capture_logs() as logs:
+        report = _retention(node).run(node.context.config)
+
+    gone = {"old done", "old unrouted", "failed 31 days"}
+    assert {c.study_instance_uid for c in report.purged} == {studies[g] for g in gone}
+    assert report.files == 9 and report.restored == 0
+    for label, study in studies.items():
+        if label in gone:
+            assert _spooled(node, study) == []
+            assert _paths(node, study) == ["", "", ""]  # rows kept, files gone
+        else:
+            assert len(_spooled(node, study)) == 3, label
+            assert "" not in _paths(node, study)
+    assert not (node.context.config.results_dir / studies["old done"]).exists()
+    assert not (node.context.config.node.data_dir / "trash").exists()
+    with node.context.sessions() as session:
+        record = session.get(PurgedStudy, studies["old done"])
+        assert record is not None and record.reason == "age" and record.files == 3
+        # the study, its state and its history stay
+        assert session.get(Study, studies["old done"]).state == StudyState.DONE  # type: ignore[union-attr]
+    purged = [e for e in logs if e["event"] == "retention_purged"]
+    assert len(purged) == 3 and {e["reason"] for e in purged} == {"age"}
+    assert all("patient" not in key for e in logs for key in e)
+
+
+def test_a_purged_study_sent_again_is_stored_but_not_processed_again(node: Receiver,
+                                                                     tmp_path: Path) -> None:
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, study, StudyState.DONE, 9)
+    _retention(node).run(node.context.config)
+    assert _spooled(node, study) == []
+
+    # the administrator cannot reprocess it: nothing is left to process
+    done, purged = reprocess(node.context.sessions, [study])
+    assert done == [] and study in purged
+
+    _storescu(node, paths)  # a PACS forwards the old study again
+
+    assert len(_spooled(node, study)) == 3
+    assert "" not in _paths(node, study)
+    with node.context.sessions() as session:
+        again = session.get(Study, study)
+        assert again is not None and again.state == StudyState.DONE and again.generation == 0
+    # now it can be reprocessed, and the next pass deletes the copies again (still old)
+    done, purged = reprocess(node.context.sessions, [study])
+    assert done == [study] and purged == {}
+
+
+def test_a_file_stored_while_its_study_is_purged_is_moved_back(node: Receiver,
+                                                               tmp_path: Path) -> None:
+    """The receiver writes the file, then commits its row: a purge can move the file to the
+    trash in between. The check before the trash is emptied puts it back."""
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, study, StudyState.DONE, 9)
+    config = node.context.config
+    retention = _retention(node)
+    with node.context.sessions() as session:
+        (candidate,) = candidates(session, config.retention, utcnow(), PLENTY)  # type: ignore[arg-type]
+    trash = config.node.data_dir / "trash" / "pass"
+
+    assert retention._purge(config, config.retention, candidate, trash, utcnow())  # type: ignore[arg-type]
+    # the row of one instance is committed after the purge's transaction (it was re-sent just
+    # before the move): the index says stored, the file is in the trash
+    sop = dcmread(paths[0]).SOPInstanceUID
+    relative = f"spool/{study}/{dcmread(paths[0]).SeriesInstanceUID}/{sop}.dcm"
+    with node.context.sessions.begin() as session:
+        session.execute(update(Instance).where(Instance.sop_instance_uid == sop)
+                        .values(path=relative, received_at=utcnow()))
+    with capture_logs() as logs:
+        restored = retention._empty_trash(config, only=trash)
+
+    assert restored == 1
+    assert (config.node.data_dir / relative).is_file()
+    assert dcmread(config.node.data_dir / relative).SOPInstanceUID == sop
+    assert not trash.exists()
+    assert [e["event"] for e in logs] == ["retention_restored"]
+
+
+def test_a_study_that_changes_during_the_purge_is_left_whole(node: Receiver,
+                                                              tmp_path: Path) -> None:
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, study, StudyState.DONE, 9)
+    config = node.context.config
+    with node.context.sessions() as session:
+        (candidate,) = candidates(session, config.retention, utcnow(), PLENTY)  # type: ignore[arg-type]
+    # a new instance of the study arrives after the pass chose it: the study is reopened
+    _, late = _study_files(tmp_path / "late", "CT_small.dcm", count=1)
+    ds = dcmread(late[0])
+    ds.StudyInstanceUID = study
+    ds.save_as(late[0], enforce_file_format=True)
+    _storescu(node, late)
+
+    purged = _retention(node)._purge(config, config.retention, candidate,  # type: ignore[arg-type]
+                                     config.node.data_dir / "trash" / "pass", utcnow())
+
+    assert not purged
+    assert len(_spooled(node, study)) == 4
+    assert "" not in _paths(node, study)
+    with node.context.sessions() as session:
+        assert session.get(PurgedStudy, study) is None
+
+
+def test_below_min_free_gb_the_least_recently_active_studies_go_first(node: Receiver,
+                                                                       tmp_path: Path) -> None:
+    ages = {}
+    for days in (1.0, 3.0, 2.0):
+        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+        _storescu(node, paths)
+        _set_state(node, study, StudyState.DONE, days)
+        ages[days] = study
+    busy, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, busy, StudyState.ROUTED, 30)
+    size = sum(p.stat().st_size for p in _spooled(node, ages[1.0]))
+    # free space 1 byte short of min_free_gb + one study: the oldest processed one must go
+    free = GB - size - 1
+
+    with capture_logs() as logs:
+        report = _retention(node, free=free).run(node.context.config)
+
+    assert [c.study_instance_uid for c in report.purged] == [ages[3.0], ages[2.0]]
+    assert [c.reason for c in report.purged] == ["disk", "disk"]
+    assert len(_spooled(node, ages[1.0])) == 3 and len(_spooled(node, busy)) == 3
+    # the stub keeps reporting the same free space: the node says it is still short
+    (low,) = [e for e in logs if e["event"] == "disk_space_low"]
+    assert low["log_level"] == "error" and low["kept"] == {"routed": 1}
+
+
+def test_dry_run_lists_and_deletes_nothing(tmp_path: Path) -> None:
+    path = write_config(tmp_path, _config_text())
+    config = load_config(path)
+    rx = Receiver(config, make_engine(config.database.url))
+    rx.start()
+    try:
+        study, files = _study_files(tmp_path / "in", "CT_small.dcm")
+        _storescu(rx, files)
+        _set_state(rx, study, StudyState.DONE, 8)
+    finally:
+        rx.stop()
+
+    listed = subprocess.run([sys.executable, "-m", "dicom_node", "purge", "--dry-run",
+                             "--config", str(path)], capture_output=True, text=True, timeout=120)
+
+    assert listed.returncode == 0, listed.stderr
+    assert study in listed.stdout and "would delete 1 study(ies), 3 file(s)" in listed.stdout
+    assert len(list((config.spool_dir / study).rglob("*.dcm"))) == 3
+
+
+def test_retention_section_is_validated_and_optional(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"retention\.keep_days: Input should be greater than 0"):
+        load_config(write_config(tmp_path, _config_text("[retention]\nkeep_days = 0\n")))
+    assert load_config(write_config(tmp_path, _config_text(""))).retention is None
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'x.db'}"))
+    off = load_config(write_config(tmp_path, _config_text("")))
+    assert Retention(sessions).run(off).purged == []
+
+
+def test_reload_adds_and_removes_the_retention_pass(tmp_path: Path) -> None:
+    on = load_config(write_config(tmp_path, _config_text()))
+    off = load_config(write_config(tmp_path, _config_text("")))
+    sessions = make_sessionmaker(make_engine(on.database.url))
+    scheduler = ReceiverScheduler(off, sessions)
+    assert scheduler._scheduler.get_job(RETENTION_JOB) is None
+    scheduler.reconfigure(on)
+    job = scheduler._scheduler.get_job(RETENTION_JOB)
+    assert job is not None and job.trigger.interval == timedelta(minutes=60)
+    scheduler.reconfigure(off)
+    assert scheduler._scheduler.get_job(RETENTION_JOB) is None
+
+
+def test_the_shipped_config_keeps_processed_studies_a_week() -> None:
+    shipped = load_config(Path(__file__).resolve().parent.parent / "config.toml")
+    assert shipped.retention is not None and shipped.retention.enabled
+    assert shipped.retention.keep_days == 7 and shipped.retention.keep_failed_days == 30
