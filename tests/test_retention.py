@@ -18,7 +18,9 @@ from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
 from dicom_node.config import load_config
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, PreprocessingError
+from dicom_node.jobs.queue import ClaimedJob
+from dicom_node.jobs.runner import _load_sources
 from dicom_node.receive.scp import Receiver
 from dicom_node.retention import Retention, candidates
 from dicom_node.scheduler import RETENTION_JOB, ReceiverScheduler
@@ -172,6 +174,20 @@ def test_a_purged_study_sent_again_is_stored_but_not_processed_again(node: Recei
     # now it can be reprocessed, and the next pass deletes the copies again (still old)
     done, purged = reprocess(node.context.sessions, [study])
     assert done == [study] and purged == {}
+
+
+def test_a_job_of_a_purged_study_fails_saying_what_to_do(node: Receiver, tmp_path: Path) -> None:
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, study, StudyState.DONE, 9)
+    _retention(node).run(node.context.config)
+    job = ClaimedJob(id=1, study_instance_uid=study, generation=0, route_name="r",
+                     model_name="m", destinations=("pacs",), delivered=(), attempts=1,
+                     owner="test", created_at=utcnow())
+
+    with pytest.raises(PreprocessingError, match=r"retention deleted the study's files on "
+                       r"\d{4}-\d\d-\d\d \d\d:\d\dZ; send the study to the node again"):
+        _load_sources(node.context.config, node.context.sessions, job, ("CT",), False)
 
 
 def test_a_file_stored_while_its_study_is_purged_is_moved_back(node: Receiver,
