@@ -34,8 +34,8 @@ Sources (pydicom-data, real images, new UIDs, one study): CR/DX → ``RG1_UNCR.d
 ``--source model`` shrinks them to the card's input shape first, so preprocessing has no resizing
 to do (what a node fed with model-sized images would see). ``--source phantom`` (segmenters on
 CT) is a synthetic chest CT with two nodules, 512×512 pixels of 0.7 mm, 2.5 mm apart
-(``tests/ct_series.py``, the generator lung-nodule-unet was trained on): the model finds regions,
-so the SEG is encoded too, which the head CT never gives.
+(``--slice-mm``; ``tests/ct_series.py``, the generator lung-nodule-unet was trained on): the model
+finds regions, so the SEG is encoded too, which the head CT never gives.
 
 ``--model densenet121-untrained`` times a hospital-sized classifier instead of the tiny shipped
 ones: ``keras.applications.DenseNet121`` with **random weights (untrained, meaningless outputs,
@@ -211,23 +211,28 @@ def _shrink(ds: Dataset, shape: tuple[int, int]) -> None:
             ds[keyword].value = [float(v) * factor for v in ds[keyword].value]
 
 
-def phantom_study(count: int) -> list[bytes]:
+#: Slice spacing of the phantom source (mm); ``--slice-mm`` changes it.
+PHANTOM_SLICE_MM = 2.5
+
+
+def phantom_study(count: int, slice_mm: float = PHANTOM_SLICE_MM) -> list[bytes]:
     """A synthetic chest CT series of ``count`` 512×512 slices with two nodules (see docstring)."""
     sys.path.insert(0, str(ROOT))
     from tests.ct_series import write_chest_ct_series
 
     with tempfile.TemporaryDirectory(prefix="bench-phantom-") as folder:
         files = write_chest_ct_series(Path(folder), nodules=PHANTOM_NODULES, slices=count,
-                                      spacing=2.5, rows=512, pixel_spacing=0.7)
+                                      spacing=slice_mm, rows=512, pixel_spacing=0.7)
         return [f.read_bytes() for f in sorted(files)]
 
 
-def make_study(card: Any, count: int, source: str) -> list[bytes]:
+def make_study(card: Any, count: int, source: str,
+               slice_mm: float = PHANTOM_SLICE_MM) -> list[bytes]:
     """``count`` instances of one study for the card's first modality with a source image."""
     if source == "phantom":
         if card.kind != "segmenter" or "CT" not in card.modalities:
             raise SystemExit(f"{card.name}: --source phantom is a chest CT for CT segmenters")
-        return phantom_study(count)
+        return phantom_study(count, slice_mm)
     modality = next((m for m in card.modalities if m in SOURCES), None)
     if modality is None:
         raise SystemExit(f"{card.name}: no source image for modalities {card.modalities}")
@@ -307,21 +312,24 @@ range = [0.0, 1.0]
         yield Path(folder)
 
 
-def bench_model(name: str, count: int, repeat: int, source: str) -> Result:
+def bench_model(name: str, count: int, repeat: int, source: str,
+                slice_mm: float = PHANTOM_SLICE_MM) -> Result:
     if name == UNTRAINED:
         with untrained_densenet() as folder:
-            return _bench_model(folder, count, repeat, source)
-    return _bench_model(Path(name) if "/" in name else MODELS / name, count, repeat, source)
+            return _bench_model(folder, count, repeat, source, slice_mm)
+    return _bench_model(Path(name) if "/" in name else MODELS / name, count, repeat, source,
+                        slice_mm)
 
 
-def _bench_model(folder: Path, count: int, repeat: int, source: str) -> Result:
+def _bench_model(folder: Path, count: int, repeat: int, source: str,
+                 slice_mm: float = PHANTOM_SLICE_MM) -> Result:
     from dicom_node.infer.card import load_card
     from dicom_node.infer.runtime import load_model
     from dicom_node.messages import PipelineInput
     from dicom_node.pipelines import run_pipeline
 
     card = load_card(folder)
-    blobs = make_study(card, count, source)
+    blobs = make_study(card, count, source, slice_mm)
 
     def job() -> Any:
         sources = tuple(dcmread(BytesIO(b)) for b in blobs)
@@ -439,10 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="native-size images, images already at the model's input size, "
                              "a synthetic chest CT with nodules (segmenters), or both native and "
                              "model (default; and phantom for a segmenter)")
+    parser.add_argument("--slice-mm", type=float, default=PHANTOM_SLICE_MM,
+                        help="slice spacing of the phantom chest CT (default 2.5; a nodule "
+                             "protocol reconstructs at 1-1.25)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.images < 1 or args.repeat < 1:
         parser.error("--images and --repeat must be at least 1")
+    if not 0.3 <= args.slice_mm <= 10:
+        parser.error("--slice-mm must be between 0.3 and 10")
     names = ([n for n in KNOWN if (MODELS / n / "model.toml").is_file()]
              if args.model == "all" else [args.model])
     kinds = {}
@@ -468,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return [args.source]
         return ["native", "model"] + (["phantom"] if kinds[name] == "segmenter" else [])
 
-    results = [bench_model(n, args.images, args.repeat, s) for n in names for s in sources(n)]
+    results = [bench_model(n, args.images, args.repeat, s, args.slice_mm)
+               for n in names for s in sources(n)]
     info = machine()
     info["load_average_1min"] = {"before": round(load, 2), "after": round(os.getloadavg()[0], 2)}
     if args.json:
