@@ -272,13 +272,15 @@ def untrained_densenet() -> Iterator[Path]:
     removed afterwards. Random weights: its outputs mean nothing; it exists to be timed."""
     import keras
 
-    from dicom_node.infer.card import load_card
+    from dicom_node.infer.card import ClassifierCard, load_card
 
     keras.utils.set_random_seed(0)
     model = keras.applications.DenseNet121(
         include_top=True, weights=None, input_shape=(*UNTRAINED_SHAPE, 1), classes=3,
         classifier_activation="sigmoid")
     chest = load_card(MODELS / DEFAULT_MODEL)  # its outputs, modalities and preprocessing
+    if not isinstance(chest, ClassifierCard):
+        raise SystemExit(f"{DEFAULT_MODEL} is not a classifier")
     outputs = "".join(
         f'[[outputs]]\nname = "{o.name}"\ncode = {{ value = "{o.code.value}", scheme = '
         f'"{o.code.scheme}", meaning = "{o.code.meaning}" }}\nthreshold = 0.5\n\n'
