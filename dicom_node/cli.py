@@ -11,6 +11,7 @@ jobs          list jobs; ``jobs retry [ID...]`` re-queues failed jobs
 route         ``route --dry-run STUDY_UID|FOLDER``: which routes fire and why
 reprocess     route processed studies again (a new generation), or an incomplete one now
 purge         delete the files of processed studies now ([retention]; --dry-run lists them)
+db            the database schema: status (current vs this build's revision), upgrade
 worklist      query the RIS's Modality Worklist now and list the stored scheduled steps
 mpps          list the performed procedure steps modalities reported (MPPS)
 models        list, show or validate model cards (``models validate`` exits 2 on a mistake)
@@ -340,10 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a stored Study Instance UID or a folder/file of DICOM")
     p.add_argument("--calling-ae", action="append", help="calling AE title to assume (folder)")
     p.set_defaults(func=cmd_route)
-    from dicom_node import models_cli, worklist_cli
+    from dicom_node import db_cli, models_cli, worklist_cli
 
     models_cli.register(sub)
     worklist_cli.register(sub)
+    db_cli.register(sub)
     return parser
 
 

@@ -108,6 +108,10 @@ def serve(config: Config, config_path: Path) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     restarts: dict[str, int] = {}
     names = ["receiver"] + [f"worker-{i + 1}" for i in range(config.jobs.workers)]
+    # The schema is brought to head once, before any child starts: a database the node cannot
+    # use (upgraded by a newer dicom-node, unreachable) stops here with its message, instead of
+    # children that fail at start and are restarted for ever.
+    make_engine(config.database.url).dispose()
 
     def start(name: str) -> None:
         role = "receive" if name == "receiver" else "worker"

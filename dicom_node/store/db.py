@@ -227,8 +227,14 @@ def _begin_immediate(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine (and the SQLite file's folder); create the tables if missing."""
+def make_engine(url: str, *, upgrade: bool = True) -> Engine:
+    """Create the engine (and the SQLite file's folder); bring the schema to head.
+
+    The schema is upgraded by the migrations in ``dicom_node/store/migrations`` (Alembic), in one
+    transaction that concurrent processes take in turn; a database made before migrations is
+    adopted. A database that a newer dicom-node upgraded raises :class:`ConfigError`. With
+    ``upgrade=False`` the database is left as it is (``dicom-node db status``).
+    """
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -243,7 +249,10 @@ def make_engine(url: str) -> Engine:
             raise ConfigError(
                 f"database.url: the driver for {url.split(':', 1)[0]!r} is not installed "
                 f"({exc.name}); for PostgreSQL install dicom-node[postgres]") from None
-    Base.metadata.create_all(engine)
+    if upgrade:
+        from dicom_node.store import migrations
+
+        migrations.upgrade(engine)
     return engine
 
 
