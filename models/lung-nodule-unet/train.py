@@ -73,7 +73,7 @@ from dicom_node.infer.segment import (  # noqa: E402
 )
 
 NAME = "lung-nodule-unet"
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 SEED = 20250117
 SIZE = 256
 #: Training patches (the network is fully convolutional; it is saved for SIZE² inputs).
@@ -87,8 +87,9 @@ DEPTH = 4
 MIN_REGION_MM3 = 10.0
 MIN_SLICES = 8
 #: Threshold choice: at most this many false-positive regions per validation volume (1.0.0
-#: gave 1.28 at its threshold 0.5 on the same validation volumes).
-FP_LIMIT = 1.3
+#: gave 1.28 at its threshold 0.5 on its validation volumes; 1.1.0 used 1.3; 1.2.0, whose
+#: validation volumes also have 0.6-1.5 mm pixels, 1.0).
+FP_LIMIT = 1.0
 DIAMETER_BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 25.0))
 #: Training draw: this fraction of the training volumes gets its nodules from SMALL_MM only.
 SMALL_FRACTION = 0.3
@@ -100,6 +101,15 @@ PATCHES_PER_SMALL = 6
 VESSEL_PATCHES = 12
 #: object loss: the Tversky weight of missed nodule voxels (that of false ones: 1 − this).
 TVERSKY_BETA = 0.5
+#: Source pixel spacing (mm) of the training and validation volumes, and of the held-out test
+#: cases: real chest CT has 0.6–0.9 mm pixels; 1.1.0 saw only 1.5–2.3 mm and gave many small
+#: false positives on fine series (noise and sharpness after downsampling differ).
+TRAIN_PIXEL_MM = (0.6, 2.3)
+TEST_PIXEL_MM = (0.6, 1.6)
+#: Test cases: the field (rows × pixel spacing, mm) is drawn in this range.
+TEST_FIELD_MM = (300.0, 400.0)
+#: Card notes: results per band of source pixel spacing (mm), [lo, hi).
+PIXEL_BANDS = ((0.0, 1.0), (1.0, 10.0))
 # seed streams: train, validation, test
 STREAMS = (1_000_000, 2_000_000, 3_000_000)
 
@@ -126,8 +136,8 @@ def model_inputs(ct: SyntheticCT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def training_grid(rng: np.random.Generator, slices: int) -> Grid:
-    """Random source geometry: field 300–380 mm, pixels 1.5–2.3 mm, slices 1–5 mm apart."""
-    pixel = rng.uniform(1.5, 2.3)
+    """Random source geometry: field 300–380 mm, pixels TRAIN_PIXEL_MM, slices 1–5 mm apart."""
+    pixel = rng.uniform(*TRAIN_PIXEL_MM)
     rows = round(float(SIZE * PIXEL_MM * rng.uniform(0.95, 1.2) / pixel))
     spacing = rng.uniform(1.0, 5.0)
     centre = rng.uniform(-90.0, 90.0)
@@ -190,14 +200,16 @@ def draw_validation_volume(seed: int) -> tuple[np.ndarray, np.ndarray, float, fl
 
 
 def test_case(seed: int) -> SyntheticCT:
-    """A held-out case at a typical source geometry: 256² of 1.2–1.6 mm, 40 slices 1.25–3 mm
-    apart; 0–4 nodules (about one case in eight has none)."""
+    """A held-out case at a typical source geometry: pixels TEST_PIXEL_MM (0.6–1.6 mm), a
+    field of TEST_FIELD_MM (300–400 mm, so 188–667 rows), 40 slices 1.25–3 mm apart; 0–4
+    nodules (about one case in eight has none)."""
     rng = np.random.default_rng(seed)
-    pixel = round(float(rng.uniform(1.2, 1.6)), 3)
+    pixel = round(float(rng.uniform(*TEST_PIXEL_MM)), 3)
     spacing = round(float(rng.uniform(1.25, 3.0)), 2)
     centre = rng.uniform(-60.0, 60.0)
+    rows = round(float(rng.uniform(*TEST_FIELD_MM)) / pixel)
     z = centre + (np.arange(40) - 19.5) * spacing
-    grid = Grid(256, 256, (pixel, pixel), tuple(round(float(v), 3) for v in z))
+    grid = Grid(rows, rows, (pixel, pixel), tuple(round(float(v), 3) for v in z))
     count = int(rng.choice(5, p=[0.125, 0.3, 0.25, 0.2, 0.125]))
     return make_case(seed, grid, nodule_count=count)
 
@@ -346,9 +358,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="folder for model.keras/.toml")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--train", type=int, default=240, help="training volumes")
+    parser.add_argument("--train", type=int, default=300, help="training volumes")
     parser.add_argument("--val", type=int, default=32, help="validation volumes")
-    parser.add_argument("--test", type=int, default=24, help="held-out test cases")
+    parser.add_argument("--test", type=int, default=32, help="held-out test cases")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--export-eval", type=Path, metavar="DIR",
@@ -393,7 +405,7 @@ def main() -> None:
               f"{args.train} volumes, {args.val} validation volumes, {len(cases)} test cases "
               f"in {time.perf_counter() - started:.0f} s", flush=True)
         values = fit_and_save(args, x_train, y_train, val)
-        metrics = evaluate_cases(args.out, cases, DIAMETER_BANDS)
+        metrics = evaluate_cases(args.out, cases, DIAMETER_BANDS, PIXEL_BANDS)
     summary = {k: v for k, v in metrics.items() if k != "per_case"}
     print(json.dumps(summary, indent=1))
     values["duration"] = time.perf_counter() - started
@@ -439,6 +451,9 @@ def fit_and_save(args: argparse.Namespace, x_train: np.ndarray, y_train: np.ndar
                             f"{PATCHES_PER_NODULE} per larger one"),
         "vessel_patches": VESSEL_PATCHES, "loss": LOSS_TEXT[args.loss],
         "fp_limit": FP_LIMIT,
+        "train_pixel": "{:g}-{:g}".format(*TRAIN_PIXEL_MM),
+        "test_pixel": "{:g}-{:g}".format(*TEST_PIXEL_MM),
+        "test_field": "{:g}-{:g}".format(*TEST_FIELD_MM),
         "seed": args.seed, "epochs": args.epochs, "n_train": len(x_train),
         "n_train_volumes": args.train, "n_val": args.val, "n_test": args.test,
         "duration": None, "train_seconds": train_seconds,
