@@ -110,13 +110,17 @@ def header_copy(source: Dataset, *, share: bool = False) -> Dataset:
     themselves (a new container, no new elements): for a header that is only read, never copied
     from into a result.
     """
-    header = Dataset()
-    for element in source.elements():
-        if element.tag >= _PIXEL_DATA_TAG:
-            break
-        # an element not parsed yet is an immutable tuple of its bytes: shared, not copied
-        shared = share or isinstance(element, RawDataElement)
-        header[element.tag] = element if shared else deepcopy(element)
+    if share:  # one dict comprehension: no per-element Dataset bookkeeping
+        header = Dataset({tag: element for tag, element in source.items()
+                          if tag < _PIXEL_DATA_TAG})
+    else:
+        header = Dataset()
+        for element in source.elements():
+            if element.tag >= _PIXEL_DATA_TAG:
+                break
+            # an element not parsed yet is an immutable tuple of its bytes: shared, not copied
+            raw = isinstance(element, RawDataElement)
+            header[element.tag] = element if raw else deepcopy(element)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, None)
