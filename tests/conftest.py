@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,15 +67,22 @@ def node_config(tmp_path: Path) -> Config:
     return load_config(path)
 
 
-@pytest.fixture
-def receiver(node_config: Config) -> Iterator[Receiver]:
-    """The real SCP, in this process, on a free loopback port."""
-    rx = Receiver(node_config, make_engine(node_config.database.url))
+@contextmanager
+def running_receiver(config: Config) -> Iterator[Receiver]:
+    """The real SCP of ``config``, in this process, started and stopped around the block."""
+    rx = Receiver(config, make_engine(config.database.url))
     rx.start()
     try:
         yield rx
     finally:
         rx.stop()
+
+
+@pytest.fixture
+def receiver(node_config: Config) -> Iterator[Receiver]:
+    """The real SCP, in this process, on a free loopback port."""
+    with running_receiver(node_config) as rx:
+        yield rx
 
 
 pytest_plugins = ["tests.peers", "tests.worklist_peer"]

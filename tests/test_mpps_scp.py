@@ -34,7 +34,7 @@ from dicom_node.mpps.store import (
 from dicom_node.receive.scp import Receiver
 from dicom_node.receive.status import StoreStatus
 from dicom_node.store.db import PerformedStep, PerformedStudy, make_engine, utcnow
-from tests.conftest import BASIC_CONFIG, free_port, sample_file, write_config
+from tests.conftest import BASIC_CONFIG, free_port, running_receiver, sample_file, write_config
 from tests.mpps_scu import (
     PATIENT_ID,
     PATIENT_NAME,
@@ -61,13 +61,8 @@ def _config(folder: Path, mpps: str) -> Config:
 @pytest.fixture
 def mpps_receiver(tmp_path: Path) -> Iterator[Receiver]:
     """The real SCP with [mpps] enabled, in this process, on a free loopback port."""
-    config = _config(tmp_path, "\n[mpps]\nenabled = true\n")
-    rx = Receiver(config, make_engine(config.database.url))
-    rx.start()
-    try:
+    with running_receiver(_config(tmp_path, "\n[mpps]\nenabled = true\n")) as rx:
         yield rx
-    finally:
-        rx.stop()
 
 
 def _step(rx: Receiver, uid: str) -> PerformedStep | None:

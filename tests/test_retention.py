@@ -34,7 +34,7 @@ from dicom_node.store.db import (
     utcnow,
 )
 from dicom_node.store.index import reprocess
-from tests.conftest import BASIC_CONFIG, free_port, sample_file, write_config
+from tests.conftest import BASIC_CONFIG, free_port, running_receiver, sample_file, write_config
 
 RETENTION = """
 [retention]
@@ -53,13 +53,8 @@ def _config_text(extra: str = RETENTION) -> str:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Receiver]:
-    config = load_config(write_config(tmp_path, _config_text()))
-    rx = Receiver(config, make_engine(config.database.url))
-    rx.start()
-    try:
+    with running_receiver(load_config(write_config(tmp_path, _config_text()))) as rx:
         yield rx
-    finally:
-        rx.stop()
 
 
 def _study_files(folder: Path, name: str, count: int = 3) -> tuple[str, list[Path]]:
@@ -275,14 +270,10 @@ def test_below_min_free_gb_the_least_recently_active_studies_go_first(node: Rece
 def test_dry_run_lists_and_deletes_nothing(tmp_path: Path) -> None:
     path = write_config(tmp_path, _config_text())
     config = load_config(path)
-    rx = Receiver(config, make_engine(config.database.url))
-    rx.start()
-    try:
+    with running_receiver(config) as rx:
         study, files = _study_files(tmp_path / "in", "CT_small.dcm")
         _storescu(rx, files)
         _set_state(rx, study, StudyState.DONE, 8)
-    finally:
-        rx.stop()
 
     listed = subprocess.run([sys.executable, "-m", "dicom_node", "purge", "--dry-run",
                              "--config", str(path)], capture_output=True, text=True, timeout=120)
