@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 from dicom_node.config import Config, load_config
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError
 
 Status = Literal["ok", "warn", "FAIL"]
 
@@ -115,6 +115,8 @@ def check_database(config: Config) -> Check:
     from sqlalchemy import create_engine, inspect, text
     from sqlalchemy.exc import SQLAlchemyError
 
+    from dicom_node.store import migrations
+
     url = config.database.url
     shown = url.split("@")[-1] if "@" in url else url  # no password in the output
     if url.startswith("sqlite:///"):
@@ -133,6 +135,12 @@ def check_database(config: Config) -> Check:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             tables = inspect(conn).get_table_names()
+            revision = migrations.current_revision(conn)
+            try:
+                migrations.check_known(conn, revision)
+                refused = ""
+            except ConfigError as exc:
+                refused = str(exc)
         engine.dispose()
     except ModuleNotFoundError as exc:
         return Check("database", "FAIL", f"{shown}: the driver is not installed ({exc.name}); "
@@ -140,7 +148,13 @@ def check_database(config: Config) -> Check:
     except SQLAlchemyError as exc:
         return Check("database", "FAIL", f"{shown}: {type(exc).__name__}: "
                      f"{str(exc).splitlines()[0] if str(exc) else ''}")
-    return Check("database", "ok", f"{shown}: reachable, {len(tables)} table(s)")
+    head = migrations.head_revision()
+    schema = (f"schema at revision {revision}" if revision == head else
+              f"schema at revision {revision or 'none'}, this build's is {head}: upgraded at the "
+              "next start (or dicom-node db upgrade)")
+    if refused:
+        return Check("database", "FAIL", refused)
+    return Check("database", "ok", f"{shown}: reachable, {len(tables)} table(s); {schema}")
 
 
 def check_data_dir(config: Config) -> list[Check]:

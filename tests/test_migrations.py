@@ -16,7 +16,8 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine
 
 from dicom_node.cli import main
-from dicom_node.config import JobsSection
+from dicom_node.config import JobsSection, parse_config
+from dicom_node.doctor import check_database
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import queue
 from dicom_node.store import migrations
@@ -239,6 +240,18 @@ def test_a_database_upgraded_by_a_newer_build_is_refused(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"revision 'f00dcafe9999'.*Upgrade dicom-node"):
         make_engine(url)
     assert _revisions(create_engine(url)) == ["f00dcafe9999"]  # left as it was
+
+
+def test_doctor_shows_the_schema_revision_and_fails_on_a_newer_one(tmp_path: Path) -> None:
+    current = tmp_path / "current.db"
+    make_engine(f"sqlite:///{current}").dispose()
+    config = parse_config({"database": {"url": f"sqlite:///{current}"}})
+    check = check_database(config)
+    assert (check.status, check.detail.endswith("schema at revision 0001")) == ("ok", True)
+
+    newer = parse_config({"database": {"url": _from_the_future(tmp_path / "new.db")}})
+    check = check_database(newer)
+    assert check.status == "FAIL" and "a newer dicom-node upgraded it" in check.detail
 
 
 CONFIG = """
