@@ -33,6 +33,7 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import pixel_array
 
 from dicom_node.errors import ModelError, PreprocessingError
 from dicom_node.infer.card import EnhancementSpec, EnhancerCard, ModelCard
@@ -164,7 +165,7 @@ def _reason_to_skip(ds: Dataset, card: EnhancerCard) -> str | None:
 
 
 def _decode(ds: Dataset, spec: EnhancementSpec) -> _Decoded:
-    stored = np.asarray(ds.pixel_array)
+    stored = np.asarray(pixel_array(ds))  # no decoded copy kept in the dataset
     if stored.ndim != 2:
         raise PreprocessingError(f"decoded pixels have shape {stored.shape}, expected 2-D")
     return _Decoded(ds, stored, spec)

@@ -50,6 +50,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import pixel_array
 
 from dicom_node.errors import PreprocessingError
 from dicom_node.messages import SourceFrame
@@ -253,7 +254,8 @@ def _pixels(ds: Dataset) -> NDArray[Any]:
     if "PixelData" not in ds:
         raise PreprocessingError(f"{_describe(ds)} has no Pixel Data")
     try:
-        arr = np.asarray(ds.pixel_array)
+        # not Dataset.pixel_array: the dataset would keep a decoded copy (256 CT slices: 134 MB)
+        arr = np.asarray(pixel_array(ds))
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         raise PreprocessingError(
             f"{_describe(ds)}: cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
