@@ -63,6 +63,14 @@ def test_classify_real_chest_cr_returns_the_card_codes_with_probabilities(
     assert result.model == card.identity()
 
 
+def test_classifying_leaves_no_decoded_copy_in_the_source_datasets(card: ClassifierCard) -> None:
+    # Dataset.pixel_array caches its array in the dataset (pydicom's private _pixel_array) for as
+    # long as the job holds its sources: 7 MB per radiograph. The node decodes without caching.
+    sources = [read("RG1_UNCR.dcm"), read("RG3_J2KR.dcm")]  # uncompressed, JPEG 2000
+    classify(card, MODEL_DIR, sources)
+    assert [getattr(ds, "_pixel_array", None) for ds in sources] == [None, None]
+
+
 def test_compressed_copy_of_the_radiograph_gets_the_same_probabilities(
     card: ClassifierCard,
 ) -> None:
