@@ -7,8 +7,10 @@
    UID; the series with the most frames is segmented (ties: the lowest Series Number, then the
    UID). Other series are ignored.
 2. **Volume.** :func:`dicom_node.infer.volume.load_volume` sorts its frames along the slice
-   normal and applies the rescale (HU); gaps and irregular spacing are logged
-   (``volume_warning``), not refused: each slice keeps its own position.
+   normal (from the headers; nothing is decoded yet); gaps and irregular spacing are logged
+   (``volume_warning``), not refused: each slice keeps its own position. Each plane is decoded
+   and rescaled (HU) when its chunk is prepared (:meth:`SeriesVolume.plane`), so decoding runs
+   while the network works on the chunk before, and the series is never held whole as floats.
 3. **Input.** Each slice is windowed with the card's window (``[preprocessing]``
    ``voi = "window"``; values mapped onto [0, 1], clipped) and resampled (linear, antialiased)
    to ``segmentation.pixel_spacing_mm`` on a grid of ``input.shape`` centred on the image centre;
@@ -184,7 +186,7 @@ def _inputs(vol: SeriesVolume, planes: range, card: SegmenterCard,
         del small[k]  # no later (higher) plane needs it
     bottom, span = np.float32(center - width / 2), np.float32(width)
     for k in sorted(needed - small.keys()):
-        unit = np.clip((vol.voxels[k] - bottom) / span, np.float32(0), np.float32(1))
+        unit = np.clip((vol.plane(k) - bottom) / span, np.float32(0), np.float32(1))
         windowed = np.float32(low) + np.float32(high - low) * unit
         small[k] = np.asarray((w_rows @ windowed) @ w_cols_t, dtype=np.float64)
     # filled in place: each channel is cast to float32 as it is stored (what stacking the

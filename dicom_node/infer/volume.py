@@ -30,7 +30,9 @@ Enhanced CT/MR images with per-frame functional groups, or a mix — and returns
   :attr:`SeriesVolume.affine` is the regular-grid approximation (exact when ``regular``).
 - **Values**: the Modality LUT / Rescale Slope and Intercept of each frame (pydicom's
   ``apply_modality_lut`` for single-frame images; the frame's Pixel Value Transformation for
-  multi-frame ones), as float32.
+  multi-frame ones), as float32, computed when a plane is asked for
+  (:meth:`SeriesVolume.plane`, one frame decoded, nothing kept); :attr:`SeriesVolume.voxels`
+  decodes them all.
 
 highdicom 0.28 has volume support (``highdicom.get_volume_from_series``, ``Image.get_volume``,
 ``highdicom.spatial.get_volume_positions``), but it refuses a series with a gap or irregular
@@ -87,8 +89,10 @@ class SeriesVolume:
     frame_of_reference_uid: str
     #: Source frames, ascending along :attr:`normal`.
     frames: tuple[SourceFrame, ...]
-    #: Modality values (HU for CT), float32, shape (len(frames), rows, columns).
-    voxels: NDArray[np.float32]
+    #: Where each plane's pixels are (same order as :attr:`frames`): decoded by :meth:`plane`.
+    _sources: tuple[_Frame, ...]
+    #: (planes, rows, columns).
+    _shape: tuple[int, int, int]
     #: ImagePositionPatient of each plane (mm), shape (len(frames), 3).
     positions: Floats
     #: ImageOrientationPatient: row cosines, then column cosines.
@@ -111,8 +115,26 @@ class SeriesVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        planes, rows, cols = self.voxels.shape
-        return int(planes), int(rows), int(cols)
+        return self._shape
+
+    def plane(self, k: int, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+        """Plane ``k`` in modality values (HU for CT), float32 (rows, columns), decoded now:
+        only that frame of its instance, and nothing is kept (a segmenter decodes each plane
+        as its chunk needs it, while the network runs on the chunk before). Raises
+        PreprocessingError for undecodable pixel data."""
+        frame = self._sources[k]
+        if out is None:
+            out = np.empty(self._shape[1:], dtype=np.float32)
+        _values(frame, _pixels(frame.ds, frame.index), out)
+        return out
+
+    @property
+    def voxels(self) -> NDArray[np.float32]:
+        """Every plane, shape (planes, rows, columns), decoded now (a new array each time)."""
+        volume = np.empty(self._shape, dtype=np.float32)
+        for k in range(self._shape[0]):
+            self.plane(k, volume[k])
+        return volume
 
     @property
     def voxel_volumes(self) -> Floats:
@@ -250,21 +272,22 @@ def _spacing_report(offsets: Floats, tilt: float) -> tuple[float, Floats, list[s
     return usual, extents, warnings
 
 
-def _pixels(ds: Dataset) -> NDArray[Any]:
+def _pixels(ds: Dataset, index: int) -> NDArray[Any]:
+    """Frame ``index`` (0-based) of ``ds``'s pixel data, stored values (rows, columns)."""
     if "PixelData" not in ds:
         raise PreprocessingError(f"{_describe(ds)} has no Pixel Data")
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
         # not Dataset.pixel_array: the dataset would keep a decoded copy (256 CT slices: 134 MB)
-        arr = np.asarray(pixel_array(ds))
+        arr = np.asarray(pixel_array(ds, index=index) if n_frames > 1 else pixel_array(ds))
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
         raise PreprocessingError(
             f"{_describe(ds)}: cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    expected = (n_frames, int(ds.Rows), int(ds.Columns))
-    arr = arr.reshape((1, *arr.shape)) if n_frames == 1 and arr.ndim == 2 else arr
+    expected = (int(ds.Rows), int(ds.Columns))
     if arr.shape != expected:
+        where = f"frame {index + 1} " if n_frames > 1 else ""
         raise PreprocessingError(
-            f"{_describe(ds)}: pixel array has shape {arr.shape}, expected {expected} "
+            f"{_describe(ds)}: {where}pixel array has shape {arr.shape}, expected {expected} "
             "(only single-sample grey-scale images are supported)")
     return arr
 
@@ -288,7 +311,9 @@ def load_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
     """The volume of one series' instances (any order); see the module docstring.
 
     Raises PreprocessingError for no instances, instances of different series, missing or
-    inconsistent geometry, duplicate positions, or undecodable pixel data.
+    inconsistent geometry, duplicate positions, or no pixel data. Nothing is decoded here:
+    :meth:`SeriesVolume.plane` decodes a plane when it is needed (and raises for undecodable
+    pixel data then).
     """
     if not datasets:
         raise PreprocessingError("no instances to build a volume from")
@@ -317,30 +342,24 @@ def load_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
     in_plane = positions - offsets[:, None] * normal
     tilt = float(np.max(np.linalg.norm(in_plane - in_plane[0], axis=1))) if len(frames) else 0.0
     usual, extents, warnings = _spacing_report(offsets, tilt)
-    decoded: dict[int, NDArray[Any]] = {}
-    voxels: NDArray[np.float32] | None = None
-    for i, f in enumerate(frames):
-        key = id(f.ds)
-        if key not in decoded:
-            decoded[key] = _pixels(f.ds)
-        stored = decoded[key][f.index]
-        if voxels is None:  # filled in place: no list of planes stacked (twice the memory)
-            voxels = np.empty((len(frames), *stored.shape), dtype=np.float32)
-        _values(f, stored, voxels[i])
-    if voxels is None:
+    if not frames:
         raise PreprocessingError("the instances hold no frames")
+    first = frames[0].ds
+    for ds in {id(f.ds): f.ds for f in frames}.values():
+        if "PixelData" not in ds:
+            raise PreprocessingError(f"{_describe(ds)} has no Pixel Data")
     spacing = frames[0].spacing
     affine = np.eye(4)
     affine[:3, 0] = normal * usual
     affine[:3, 1] = col_cos * spacing[0]
     affine[:3, 2] = row_cos * spacing[1]
     affine[:3, 3] = positions[0]
-    first = frames[0].ds
     return SeriesVolume(
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         frames=tuple(SourceFrame(f.sop_instance_uid, f.index + 1) for f in frames),
-        voxels=voxels,
+        _sources=tuple(frames),
+        _shape=(len(frames), int(first.Rows), int(first.Columns)),
         positions=positions,
         orientation=tuple(float(v) for v in orientation),  # type: ignore[arg-type]
         normal=normal,
