@@ -87,9 +87,10 @@ DEPTH = 4
 MIN_REGION_MM3 = 10.0
 MIN_SLICES = 8
 #: Threshold choice: at most this many false-positive regions per validation volume (1.0.0
-#: gave 1.28 at its threshold 0.5 on its validation volumes; 1.1.0 used 1.3; 1.2.0, whose
-#: validation volumes also have 0.6-1.5 mm pixels, 1.0).
-FP_LIMIT = 1.0
+#: gave 1.28 at its threshold 0.5 on its validation volumes; 1.1.0 and 1.2.0 use 1.3). A first
+#: 1.2.0 run used 1.0, set after looking at its test metrics at 0.5 and 0.6; that was test-set
+#: leakage, so the limit is back to the value fixed before (see the card's notes).
+FP_LIMIT = 1.3
 DIAMETER_BANDS = ((3.0, 6.0), (6.0, 10.0), (10.0, 25.0))
 #: Training draw: this fraction of the training volumes gets its nodules from SMALL_MM only.
 SMALL_FRACTION = 0.3
