@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,6 +153,9 @@ class Retention:
                  free_bytes: Callable[[Path], int] | None = None) -> None:
         self.sessions = sessions
         self.grace_seconds = grace_seconds
+        #: Set by :meth:`stop`: a pass waiting out its grace returns at once and leaves its
+        #: trash to the next pass (which checks it the same way), so a receiver stops promptly.
+        self._stopping = threading.Event()
         # how much space is free where data_dir lives (a parameter so tests can set it)
         self.free_bytes = free_bytes or (lambda path: shutil.disk_usage(path).free)
 
@@ -187,12 +191,15 @@ class Retention:
                          files=candidate.files, mb=round(candidate.bytes / 1e6, 1),
                          idle_days=round((now - candidate.last_activity).total_seconds()
                                          / 86400, 1))
-        if report.purged:
-            time.sleep(self.grace_seconds)
+        if report.purged and not self._stopping.wait(self.grace_seconds):
             report.restored += self._empty_trash(config, only=trash)
         report.free_bytes_after = self.free_bytes(data_dir)
         self._log_pass(config, section, report)
         return report
+
+    def stop(self) -> None:
+        """Cut a pass's grace short (receiver shutdown); its trash waits for the next pass."""
+        self._stopping.set()
 
     def _log_pass(self, config: Config, section: RetentionSection, report: PassReport) -> None:
         if report.purged or report.restored:

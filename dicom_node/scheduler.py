@@ -137,4 +137,5 @@ class ReceiverScheduler:
         self._scheduler.start()
 
     def stop(self) -> None:
+        self.retention.stop()  # a pass waiting out its 35 s grace must not hold the shutdown
         self._scheduler.shutdown(wait=True)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -265,6 +267,30 @@ def test_below_min_free_gb_the_least_recently_active_studies_go_first(node: Rece
     # the stub keeps reporting the same free space: the node says it is still short
     (low,) = [e for e in logs if e["event"] == "disk_space_low"]
     assert low["log_level"] == "error" and low["kept"] == {"routed": 1}
+
+
+def test_stopping_cuts_the_grace_short_and_the_next_pass_finishes(node: Receiver,
+                                                                   tmp_path: Path) -> None:
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, study, StudyState.DONE, 9)
+    config = node.context.config
+    slow = Retention(node.context.sessions, grace_seconds=60.0, free_bytes=lambda _: PLENTY)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(slow.run, config)
+        trash = config.node.data_dir / "trash"
+        deadline = time.monotonic() + 10
+        while not list(trash.glob("*/spool/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pass has moved the study and waits out its grace
+        started = time.monotonic()
+        slow.stop()
+        report = running.result(timeout=10)
+
+    assert time.monotonic() - started < 5
+    assert [c.study_instance_uid for c in report.purged] == [study]
+    assert list(trash.glob("*/spool/*"))  # left for the next pass
+    _retention(node).run(config)  # grace 0: the leftover trash is old enough
+    assert not trash.exists() and _spooled(node, study) == []
 
 
 def test_dry_run_lists_and_deletes_nothing(tmp_path: Path) -> None:
