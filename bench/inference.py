@@ -59,6 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -115,6 +116,9 @@ class Result:
     #: bounds the ratio at bare / max(bare, decode) for decoding in one thread (pydicom's
     #: decoders hold the GIL: two threads decoded no faster than one on this machine).
     decode_seconds: float = 0.0
+    #: Peak memory (MB) numpy and Python allocated during one more pipeline run, above what was
+    #: in use before it (tracemalloc; the model already loaded; its own backend memory excluded).
+    peak_memory_mb: float = 0.0
     note: str = ""
     #: Median seconds of the bare replay from the main thread and from a worker thread.
     bare_seconds_by_thread: dict[str, float] = field(default_factory=dict)
@@ -388,6 +392,7 @@ def _bench_model(folder: Path, count: int, repeat: int, source: str,
                         pool.submit(bare).result()
                 bare_s[thread].append(time.perf_counter() - started)
                 bare_cpu[thread].append(time.process_time() - cpu)
+    peak = _peak_memory(lambda: run_pipeline(card, folder, job()))
     p = statistics.median(pipeline_s)
     fastest = min(bare_s, key=lambda thread: statistics.median(bare_s[thread]))
     b = statistics.median(bare_s[fastest])
@@ -399,8 +404,20 @@ def _bench_model(folder: Path, count: int, repeat: int, source: str,
                   pipeline_cpu_seconds=statistics.median(pipeline_cpu),
                   bare_cpu_seconds=statistics.median(bare_cpu[fastest]),
                   network_inputs=sum(len(x) for x in batches), note=note,
-                  decode_seconds=statistics.median(decode_s),
+                  decode_seconds=statistics.median(decode_s), peak_memory_mb=peak,
                   bare_seconds_by_thread={t: statistics.median(v) for t, v in bare_s.items()})
+
+
+def _peak_memory(run: Any) -> float:
+    """MB allocated at the peak of ``run()`` above the start (tracemalloc traces numpy too).
+    The datasets are parsed inside ``run`` too, as a worker holds them for its job."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        run()
+        return (tracemalloc.get_traced_memory()[1] - base) / 1e6
+    finally:
+        tracemalloc.stop()
 
 
 def print_table(results: Sequence[Result], info: dict[str, Any]) -> None:
@@ -429,7 +446,9 @@ def print_table(results: Sequence[Result], info: dict[str, Any]) -> None:
         ceiling = r.bare_seconds / max(r.bare_seconds, r.decode_seconds)
         print(f"  decoding the {r.images} images alone (pixel_array) takes "
               f"{1000 * r.decode_seconds:.0f} ms: even hidden entirely behind the network, "
-              f"pipeline/bare ≤ {ceiling:.2f} with decoding in one thread")
+              f"pipeline/bare ≤ {ceiling:.2f} with decoding in one thread; peak memory of one "
+              f"run {r.peak_memory_mb:.0f} MB (tracemalloc: the study's datasets and the "
+              "pipeline's arrays, not the backend's own)")
         if r.note:
             print(f"  note: {r.note}")
         if r.model == UNTRAINED:
