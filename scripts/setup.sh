@@ -2,7 +2,8 @@
 # Set up a local environment: a virtualenv in .venv with dicom-node installed (editable).
 #   scripts/setup.sh            the node itself
 #   scripts/setup.sh test       plus what the tests need: Python test packages and Debian's
-#                               dcmtk, orthanc and dicom3tools (installed with apt-get when missing)
+#                               dcmtk, orthanc, dicom3tools and postgresql (installed with apt-get
+#                               when missing; the tests start their own PostgreSQL server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:-run}
@@ -12,6 +13,7 @@ if [ "$want" = test ]; then
     command -v storescu >/dev/null || missing+=(dcmtk)
     command -v Orthanc >/dev/null || missing+=(orthanc)
     command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing Debian packages: ${missing[*]}"
         sudo_cmd=""

@@ -70,12 +70,14 @@ def node_config(tmp_path: Path) -> Config:
 @contextmanager
 def running_receiver(config: Config) -> Iterator[Receiver]:
     """The real SCP of ``config``, in this process, started and stopped around the block."""
-    rx = Receiver(config, make_engine(config.database.url))
+    engine = make_engine(config.database.url)
+    rx = Receiver(config, engine)
     rx.start()
     try:
         yield rx
     finally:
         rx.stop()
+        engine.dispose()  # PostgreSQL: close the pool's connections (a GC'd one warns)
 
 
 @pytest.fixture
@@ -85,4 +87,4 @@ def receiver(node_config: Config) -> Iterator[Receiver]:
         yield rx
 
 
-pytest_plugins = ["tests.peers", "tests.worklist_peer"]
+pytest_plugins = ["tests.peers", "tests.worklist_peer", "tests.postgres_peer"]
