@@ -44,7 +44,9 @@ def _as_server_user(argv: list[str]) -> list[str]:
 def postgres_server() -> Iterator[str]:
     """``postgresql+psycopg://dicom@127.0.0.1:<port>``: a running server; no database named."""
     bin_dir = _bin_dir()
-    folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    # in /tmp itself: the postgres user must reach it (pytest's folders are root's, 0700), and
+    # the receiver points tempfile's default folder at its own scratch folder while it runs
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
     data, port = folder / "data", free_port()
