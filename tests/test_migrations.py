@@ -195,17 +195,15 @@ print("done", flush=True)
 """
 
 
-@pytest.mark.parametrize("start", ["new", "made_before_migrations"])
-def test_processes_starting_together_migrate_once(tmp_path: Path, start: str) -> None:
-    path = tmp_path / "shared.db"
-    if start != "new":
-        _old_database(path)
-    url, go = f"sqlite:///{path}", tmp_path / "go"
+def open_together(url: str, go: Path, count: int = 4
+                  ) -> tuple[list[subprocess.Popen[str]], list[str]]:
+    """``count`` processes that open ``url`` with make_engine at the same moment (each has
+    imported everything and waits for the file ``go``); their outputs once they have ended."""
     children = [subprocess.Popen([sys.executable, "-c", _CHILD, url, str(go)], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for _ in range(4)]
+                for _ in range(count)]
     try:
-        for child in children:  # every child has imported everything: they start together
+        for child in children:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "ready"
         go.touch()
@@ -214,6 +212,16 @@ def test_processes_starting_together_migrate_once(tmp_path: Path, start: str) ->
         for child in children:
             if child.poll() is None:
                 child.kill()
+    return children, outputs
+
+
+@pytest.mark.parametrize("start", ["new", "made_before_migrations"])
+def test_processes_starting_together_migrate_once(tmp_path: Path, start: str) -> None:
+    path = tmp_path / "shared.db"
+    if start != "new":
+        _old_database(path)
+    url = f"sqlite:///{path}"
+    children, outputs = open_together(url, tmp_path / "go")
     for child, output in zip(children, outputs, strict=True):
         assert child.returncode == 0, output
         assert output.rstrip().endswith("done"), output

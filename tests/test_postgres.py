@@ -4,8 +4,6 @@ routing, workers claiming each job once, and retention."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -35,7 +33,7 @@ from dicom_node.store.db import (
     utcnow,
 )
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
-from tests.test_migrations import _CHILD, ROOT
+from tests.test_migrations import ROOT, open_together
 from tests.test_retention import _storescu, _study_files
 
 pytestmark = pytest.mark.slow
@@ -80,20 +78,7 @@ def node(config: Config) -> Iterator[Receiver]:
 
 def test_processes_starting_together_migrate_a_new_database_once(postgres_url: str,
                                                                  tmp_path: Path) -> None:
-    go = tmp_path / "go"
-    children = [subprocess.Popen([sys.executable, "-c", _CHILD, postgres_url, str(go)], cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for _ in range(4)]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            assert child.stdout.readline().strip() == "ready"
-        go.touch()
-        outputs = [child.communicate(timeout=120)[0] for child in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
+    children, outputs = open_together(postgres_url, tmp_path / "go")
     assert [c.returncode for c in children] == [0] * 4, outputs
     assert sum(output.count("database_schema_upgraded") for output in outputs) == 1, outputs
     engine = create_engine(postgres_url)

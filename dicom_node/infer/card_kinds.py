@@ -22,6 +22,7 @@ from dicom_node.infer.card_schema import (
     Section,
     SegmentOutput,
     check_file_name,
+    check_increasing,
     check_output_names,
     unique_names,
 )
@@ -136,9 +137,7 @@ class EnhancementSpec(Section):
     @field_validator("value_range")
     @classmethod
     def _increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not value[0] < value[1]:
-            raise ValueError(f"value_range must be [low, high] with low < high, got {list(value)}")
-        return value
+        return check_increasing(value, "value_range")
 
 
 class ImageQuality(Section):

@@ -46,6 +46,13 @@ def check_file_name(value: str) -> str:
     return value
 
 
+def check_increasing(value: tuple[float, float], key: str) -> tuple[float, float]:
+    """A [low, high] pair of a card with low < high; ValueError naming ``key`` otherwise."""
+    if not value[0] < value[1]:
+        raise ValueError(f"{key} must be [low, high] with low < high, got {list(value)}")
+    return value
+
+
 ModelName = Annotated[str, AfterValidator(_check_name)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -134,9 +141,7 @@ class PreprocessingSpec(Section):
     @field_validator("range")
     @classmethod
     def _increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not value[0] < value[1]:
-            raise ValueError(f"range must be [low, high] with low < high, got {list(value)}")
-        return value
+        return check_increasing(value, "range")
 
     @model_validator(mode="after")
     def _windows_only_with_window(self) -> PreprocessingSpec:
