@@ -224,7 +224,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if not args.dry_run:
         print(f"deleting; files are moved back if they were being stored meanwhile, so this "
               f"takes {GRACE_SECONDS:.0f} s more", file=sys.stderr)
-    report = Retention(_sessions(config)).run(config, dry_run=args.dry_run)
+    # a pass the receiver is running over the same data folder finishes first
+    report = Retention(_sessions(config)).run(config, dry_run=args.dry_run, wait=True)
     rows = [{"study_instance_uid": c.study_instance_uid, "state": str(c.state),
              "last_activity": c.last_activity.isoformat(timespec="seconds") + "Z",
              "files": c.files, "mb": round(c.bytes / 1e6, 1), "reason": c.reason}

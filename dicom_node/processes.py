@@ -26,6 +26,11 @@ from dicom_node.store.db import make_engine, make_sessionmaker
 
 log = get_logger()
 
+#: A child that ran this long before it died is restarted after the shortest delay again.
+STABLE_SECONDS = 300.0
+#: Longest delay before a child that keeps dying is started again.
+MAX_RESTART_DELAY = 60.0
+
 #: Thread-pool sizes of the numeric libraries, set to 1 for worker processes.
 WORKER_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -102,11 +107,32 @@ def run_worker(config: Config, name: str | None = None) -> None:
     log.info("worker_stopped", worker=owner)
 
 
+class RestartPolicy:
+    """When to start a child again that died: 2, 4, 8 … s up to :data:`MAX_RESTART_DELAY`.
+
+    A child that had been running for :data:`STABLE_SECONDS` before it died starts the count
+    afresh, so one crash after days of service is retried after 2 s, not after the delay that
+    crashes long ago had reached. A child that dies at start is retried for ever, at most once a
+    minute: the receiver must come back as soon as the cause (a full disk, a busy port) is gone.
+    """
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def delay(self, ran_seconds: float) -> float:
+        """Seconds to wait before the next start of a child that ran ``ran_seconds``."""
+        if ran_seconds >= STABLE_SECONDS:
+            self.failures = 0
+        self.failures += 1
+        return min(2.0 ** self.failures, MAX_RESTART_DELAY)
+
+
 def serve(config: Config, config_path: Path) -> int:
     """Supervise one receiver and ``jobs.workers`` workers; returns when stopped."""
     stop = _stop_event()
     children: dict[str, subprocess.Popen[bytes]] = {}
-    restarts: dict[str, int] = {}
+    started_at: dict[str, float] = {}
+    policies: dict[str, RestartPolicy] = {}
     names = ["receiver"] + [f"worker-{i + 1}" for i in range(config.jobs.workers)]
     # The schema is brought to head once, before any child starts: a database the node cannot
     # use (upgraded by a newer dicom-node, unreachable) stops here with its message, instead of
@@ -126,6 +152,7 @@ def serve(config: Config, config_path: Path) -> int:
             for variable in WORKER_THREAD_ENV:
                 env.setdefault(variable, "1")
         children[name] = subprocess.Popen(argv, env=env)
+        started_at[name] = time.monotonic()
         log.info("process_started", process=name, pid=children[name].pid)
 
     def forward_hup(_signum: int, _frame: FrameType | None) -> None:
@@ -142,10 +169,12 @@ def serve(config: Config, config_path: Path) -> int:
             if child.poll() is None:
                 continue
             if name not in next_start:
-                restarts[name] = restarts.get(name, 0) + 1
-                delay = min(2.0 ** restarts[name], 60.0)
+                policy = policies.setdefault(name, RestartPolicy())
+                ran = time.monotonic() - started_at[name]
+                delay = policy.delay(ran)
                 next_start[name] = time.monotonic() + delay
                 log.error("process_died", process=name, exit_code=child.returncode,
+                          ran_seconds=round(ran, 1), failures_in_a_row=policy.failures,
                           restart_in_seconds=delay)
             elif time.monotonic() >= next_start[name]:
                 del next_start[name]

@@ -32,14 +32,17 @@ processed study (no duplicate results); ``purged_studies`` records when and why.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -60,6 +63,8 @@ _KEEP = {StudyState.DONE: "keep_days", StudyState.UNROUTED: "keep_days",
 #: committing its row.
 GRACE_SECONDS = 35.0
 TRASH = "trash"
+#: In data_dir: the lock that makes passes over one data folder take turns.
+LOCK_FILE = "retention.lock"
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ class PassReport:
     restored: int = 0
     free_bytes_before: int = 0
     free_bytes_after: int = 0
+    #: True when another pass over the same data folder was running, so this one did nothing.
+    skipped: bool = False
 
 
 def _last_activity(session: Session, study_uid: str | None = None
@@ -159,15 +166,34 @@ class Retention:
         # how much space is free where data_dir lives (a parameter so tests can set it)
         self.free_bytes = free_bytes or (lambda path: shutil.disk_usage(path).free)
 
-    def run(self, config: Config, *, dry_run: bool = False,
+    def run(self, config: Config, *, dry_run: bool = False, wait: bool = False,
             now: datetime | None = None) -> PassReport:
-        """One pass (see the module docstring); ``dry_run`` only reports what would go."""
+        """One pass (see the module docstring); ``dry_run`` only reports what would go.
+
+        Passes over one data folder run one at a time, whichever receiver (or ``dicom-node
+        purge``) starts them: a pass holds an exclusive lock on ``<data_dir>/retention.lock``
+        from its start to the end of its grace. Another pass returns at once, with
+        ``skipped`` set, or with ``wait`` waits for it."""
         section = config.retention
         report = PassReport()
         if section is None or not section.enabled:
             return report
         data_dir = config.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        if dry_run:
+            return self._pass(config, section, report, dry_run=True, now=now)
+        with _pass_lock(data_dir / LOCK_FILE, wait=wait) as locked:
+            if not locked:
+                report.skipped = True
+                log.info("retention_pass_skipped",
+                         reason="another retention pass over this data folder is running "
+                                "(another receiver, or dicom-node purge)")
+                return report
+            return self._pass(config, section, report, dry_run=False, now=now)
+
+    def _pass(self, config: Config, section: RetentionSection, report: PassReport, *,
+              dry_run: bool, now: datetime | None) -> PassReport:
+        data_dir = config.node.data_dir
         if not dry_run:  # what a pass that crashed (or runs in another process) left
             report.restored += self._empty_trash(config, older_than=self.grace_seconds)
         now = now or utcnow()
@@ -182,7 +208,7 @@ class Retention:
             return report
         trash = data_dir / TRASH / now.strftime("%Y%m%dT%H%M%S%f")
         for candidate in chosen:
-            if self._purge(config, section, candidate, trash, now):
+            if self._purge(config, section, candidate, trash, now) == "purged":
                 report.purged.append(candidate)
                 report.files += candidate.files
                 report.bytes += candidate.bytes
@@ -217,42 +243,60 @@ class Retention:
                              "receiving, incomplete or in work")
 
     def _purge(self, config: Config, section: RetentionSection, candidate: Candidate,
-               trash: Path, now: datetime) -> bool:
-        """Move the study's folders to ``trash``, then mark its instances purged; False (and
-        the folders moved back) when it is no longer eligible."""
+               trash: Path, now: datetime) -> str:
+        """Move the study's folders to ``trash``, then mark its instances purged.
+
+        Returns "purged"; "changed" when it is no longer eligible (the folders are moved back);
+        "taken" when another pass (another receiver sharing the data folder and the database)
+        purged it first: its instances are marked already, and what this pass moved, if
+        anything, goes with this pass's trash."""
         uid = validate_uid(candidate.study_instance_uid, "Study Instance UID")
         folders = [(config.spool_dir / uid, trash / "spool" / uid),
                    (config.results_dir / uid, trash / "results" / uid)]
         moved = []
         for source, target in folders:
-            if source.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
+            if not source.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
                 os.replace(source, target)
-                fsync_dir(source.parent)
-                moved.append((source, target))
+            except FileNotFoundError:  # another pass moved it since the check
+                continue
+            fsync_dir(source.parent)
+            moved.append((source, target))
         moved_at = utcnow()
         with self.sessions.begin() as session:
             if not _eligible(session, uid, section, now, candidate.reason):
-                eligible = False
+                outcome = "changed"
             else:
-                eligible = True
-                session.execute(
+                # Another pass marking the same rows holds their locks until it commits; this
+                # statement then finds them marked (PostgreSQL re-reads the rows; SQLite
+                # serialises the two transactions).
+                result: Any = session.execute(
                     update(Instance).where(Instance.study_instance_uid == uid)
                     .where(Instance.path != "").where(Instance.received_at <= moved_at)
                     .values(path=""))
-                record = session.get(PurgedStudy, uid)
-                if record is None:
-                    record = PurgedStudy(study_instance_uid=uid, files=0, bytes=0)
-                    session.add(record)
-                record.purged_at, record.reason = now, candidate.reason
-                record.files += candidate.files
-                record.bytes += candidate.bytes
-        if not eligible:
+                marked = int(result.rowcount or 0)
+                if not marked:
+                    outcome = "taken"
+                else:
+                    outcome = "purged"
+                    record = session.get(PurgedStudy, uid)
+                    if record is None:
+                        record = PurgedStudy(study_instance_uid=uid, files=0, bytes=0)
+                        session.add(record)
+                    record.purged_at, record.reason = now, candidate.reason
+                    record.files += candidate.files
+                    record.bytes += candidate.bytes
+        if outcome == "changed":
             for source, target in moved:
                 _move_back(target, source)
             log.info("retention_skipped", study_uid=uid,
                      reason="the study changed while it was being deleted (new instance or job)")
-        return eligible
+        elif outcome == "taken":
+            log.info("retention_skipped", study_uid=uid,
+                     reason="another retention pass (another receiver) deleted it first")
+        return outcome
 
     def _empty_trash(self, config: Config, *, only: Path | None = None,
                      older_than: float = 0.0) -> int:
@@ -266,14 +310,18 @@ class Retention:
         elif root.is_dir():
             passes = [p for p in root.iterdir()
                       if p.is_dir() and time.time() - _changed(p) > older_than]
+            # _changed is 0 for a folder another pass removed meanwhile: nothing to do there
+            passes = [p for p in passes if p.is_dir()]
         else:
             passes = []
         restored = 0
         for folder in passes:
             restored += self._restore(config, folder)
-            shutil.rmtree(folder)
-        if passes and not any(root.iterdir()):
-            root.rmdir()
+            _remove_tree(folder)
+        if passes:
+            # another pass may be creating its folder, or removing the root, meanwhile
+            with contextlib.suppress(OSError):
+                root.rmdir()
         return restored
 
     def _restore(self, config: Config, folder: Path) -> int:
@@ -287,7 +335,10 @@ class Retention:
                     final = config.node.data_dir / row.path
                     if not final.exists():
                         final.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(path, final)
+                        try:
+                            os.replace(path, final)
+                        except FileNotFoundError:  # another pass restored it meanwhile
+                            continue
                         fsync_dir(final.parent)
                         restored += 1
                         log.warning("retention_restored", study_uid=row.study_instance_uid,
@@ -297,8 +348,39 @@ class Retention:
 
 
 def _changed(folder: Path) -> float:
-    """When a pass's trash folder last got a study (its spool/ and results/ entries change)."""
-    return max([folder.stat().st_mtime, *(c.stat().st_mtime for c in folder.iterdir())])
+    """When a pass's trash folder last got a study (its spool/ and results/ entries change);
+    0 when another pass removed it meanwhile."""
+    try:
+        return max([folder.stat().st_mtime, *(c.stat().st_mtime for c in folder.iterdir())])
+    except FileNotFoundError:
+        return 0.0
+
+
+@contextlib.contextmanager
+def _pass_lock(path: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` for the duration of a pass; yields whether it was
+    taken. The kernel releases it when the holder exits, so a crashed pass leaves no stale lock
+    (on NFS, Linux maps ``flock`` to the server's byte-range locks)."""
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_tree(folder: Path) -> None:
+    """``shutil.rmtree``, where entries another pass removes meanwhile are no error."""
+    def ignore_gone(_function: object, _path: str, exc_info: tuple[type, BaseException, object]
+                    ) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(folder, onerror=ignore_gone)
 
 
 def _move_back(trashed: Path, original: Path) -> None:

@@ -34,7 +34,7 @@ from dicom_node.store.db import (
 )
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
 from tests.test_migrations import ROOT, open_together
-from tests.test_retention import _storescu, _study_files
+from tests.test_retention import PLENTY, _storescu, _study_files, check_two_passes_at_once
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +157,14 @@ def test_retention_deletes_an_old_finished_study(node: Receiver, tmp_path: Path)
     assert not (node.context.config.spool_dir / study).exists()
     with sessions() as session:
         assert session.scalars(select(Instance.path)).all() == ["", "", ""]
+
+
+def test_two_receivers_purging_at_once_delete_each_study_once(node: Receiver,
+                                                             tmp_path: Path) -> None:
+    engine = make_engine(node.context.config.database.url)
+    try:
+        second = Retention(make_sessionmaker(engine), grace_seconds=0.0,
+                           free_bytes=lambda _: PLENTY)
+        check_two_passes_at_once(node, tmp_path, second)
+    finally:
+        engine.dispose()

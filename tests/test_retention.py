@@ -4,9 +4,11 @@ reprocessed. Studies arrive through the real receiver from DCMTK's storescu."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +107,40 @@ def _retention(rx: Receiver, free: int = PLENTY) -> Retention:
     return Retention(rx.context.sessions, grace_seconds=0.0, free_bytes=lambda _: free)
 
 
+def check_two_passes_at_once(rx: Receiver, tmp_path: Path, second: Retention,
+                             studies: int = 6) -> None:
+    """Two receivers sharing the database and the data folder purge the same old studies at
+    the same moment (``second`` has its own engine): each study's files go once, are counted
+    once, and neither pass fails."""
+    uids = []
+    for _ in range(studies):
+        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+        _storescu(rx, paths)
+        _set_state(rx, study, StudyState.DONE, 9)
+        uids.append(study)
+    first = _retention(rx)
+    start = threading.Barrier(2)
+
+    def run(retention: Retention) -> list[str]:
+        start.wait()
+        report = retention.run(rx.context.config)
+        return [c.study_instance_uid for c in report.purged]
+
+    with capture_logs() as logs, ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [pool.submit(run, r) for r in (first, second)]
+        purged = [uid for done in runs for uid in done.result()]
+
+    assert sorted(purged) == sorted(uids)  # every study once, by one pass or the other
+    for study in uids:
+        assert _spooled(rx, study) == [] and _paths(rx, study) == ["", "", ""]
+    with rx.context.sessions() as session:
+        records = session.scalars(select(PurgedStudy)).all()
+    assert sorted(r.study_instance_uid for r in records) == sorted(uids)
+    assert all(r.files == 3 for r in records)
+    assert not (rx.context.config.node.data_dir / "trash").exists()
+    assert len([e for e in logs if e["event"] == "retention_purged"]) == studies
+
+
 def test_old_processed_studies_go_and_everything_in_work_stays(node: Receiver,
                                                                tmp_path: Path) -> None:
     studies = {}
@@ -200,7 +236,9 @@ def test_a_file_stored_while_its_study_is_purged_is_moved_back(node: Receiver,
         (candidate,) = candidates(session, config.retention, utcnow(), PLENTY)  # type: ignore[arg-type]
     trash = config.node.data_dir / "trash" / "pass"
 
-    assert retention._purge(config, config.retention, candidate, trash, utcnow())  # type: ignore[arg-type]
+    outcome = retention._purge(config, config.retention, candidate, trash,  # type: ignore[arg-type]
+                               utcnow())
+    assert outcome == "purged"
     # the row of one instance is committed after the purge's transaction (it was re-sent just
     # before the move): the index says stored, the file is in the trash
     sop = dcmread(paths[0]).SOPInstanceUID
@@ -233,10 +271,10 @@ def test_a_study_that_changes_during_the_purge_is_left_whole(node: Receiver,
     ds.save_as(late[0], enforce_file_format=True)
     _storescu(node, late)
 
-    purged = _retention(node)._purge(config, config.retention, candidate,  # type: ignore[arg-type]
-                                     config.node.data_dir / "trash" / "pass", utcnow())
+    outcome = _retention(node)._purge(config, config.retention, candidate,  # type: ignore[arg-type]
+                                      config.node.data_dir / "trash" / "pass", utcnow())
 
-    assert not purged
+    assert outcome == "changed"
     assert len(_spooled(node, study)) == 4
     assert "" not in _paths(node, study)
     with node.context.sessions() as session:
@@ -254,9 +292,9 @@ def test_below_min_free_gb_the_least_recently_active_studies_go_first(node: Rece
     busy, paths = _study_files(tmp_path / "in", "CT_small.dcm")
     _storescu(node, paths)
     _set_state(node, busy, StudyState.ROUTED, 30)
-    size = sum(p.stat().st_size for p in _spooled(node, ages[1.0]))
-    # free space 1 byte short of min_free_gb + one study: the oldest processed one must go
-    free = GB - size - 1
+    # free space 1 byte short of min_free_gb + the oldest study: it and the next one must go
+    # (the studies differ in size by a few bytes: their UIDs have different lengths)
+    free = GB - sum(p.stat().st_size for p in _spooled(node, ages[3.0])) - 1
 
     with capture_logs() as logs:
         report = _retention(node, free=free).run(node.context.config)
@@ -335,3 +373,37 @@ def test_the_shipped_config_keeps_processed_studies_a_week() -> None:
     shipped = load_config(Path(__file__).resolve().parent.parent / "config.toml")
     assert shipped.retention is not None and shipped.retention.enabled
     assert shipped.retention.keep_days == 7 and shipped.retention.keep_failed_days == 30
+
+
+def test_a_pass_waits_its_turn_behind_another_over_the_same_data_folder(node: Receiver,
+                                                                      tmp_path: Path) -> None:
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)
+    _set_state(node, study, StudyState.DONE, 9)
+    data_dir = node.context.config.node.data_dir
+    with (data_dir / "retention.lock").open("a") as other:  # another receiver's pass
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with capture_logs() as logs:
+            report = _retention(node).run(node.context.config)
+        assert report.skipped and not report.purged
+        assert len(_spooled(node, study)) == 3
+        assert [e["event"] for e in logs] == ["retention_pass_skipped"]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(_retention(node).run, node.context.config, wait=True)
+            time.sleep(0.3)
+            assert not waiting.done()
+            fcntl.flock(other, fcntl.LOCK_UN)
+            report = waiting.result(timeout=30)
+    assert [c.study_instance_uid for c in report.purged] == [study]
+    assert _spooled(node, study) == []
+
+
+def test_two_receivers_purging_at_once_delete_each_study_once(node: Receiver,
+                                                             tmp_path: Path) -> None:
+    engine = make_engine(node.context.config.database.url)
+    try:
+        second = Retention(make_sessionmaker(engine), grace_seconds=0.0,
+                           free_bytes=lambda _: PLENTY)
+        check_two_passes_at_once(node, tmp_path, second)
+    finally:
+        engine.dispose()
