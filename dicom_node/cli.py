@@ -105,12 +105,12 @@ def _destination(config: Config, name: str) -> Any:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.send.scu import echo
+    from dicom_node.send.scu import echo, where
 
     config = _load(args)
     dest = _destination(config, args.destination)
     status = echo(dest, config.node.ae_title)
-    print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO status 0x{status:04X}")
+    print(f"{dest.name} ({where(dest)}): C-ECHO status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 

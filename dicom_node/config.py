@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydicom.datadict import tag_for_keyword
 
+from dicom_node import tls
 from dicom_node.errors import ConfigError
 
 #: Keys of a route's ``match`` table that are not DICOM keywords.
@@ -54,6 +55,60 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TlsVersion = Literal["1.2", "1.3"]
+#: DICOM TLS's registered port (PS3.15 Annex B; "dicom-tls", IANA).
+DICOM_TLS_PORT = 2762
+
+
+class NodeTlsSection(_Section):
+    """The receiver's DICOM TLS listener (docs/security.md)."""
+
+    #: The TLS listener's port; next to node.port (plain_tcp = true), or instead of it.
+    port: Port = DICOM_TLS_PORT
+    #: The node's certificate (PEM; its chain may follow it) and its unencrypted private key.
+    certificate: Path
+    private_key: Path
+    #: CA bundle (PEM) that client certificates are verified against.
+    ca_certificates: Path | None = None
+    #: Refuse a client that presents no certificate (or one the bundle does not verify).
+    require_client_certificate: bool = True
+    min_version: TlsVersion = "1.2"
+    #: Also keep accepting unencrypted associations on node.port.
+    plain_tcp: bool = False
+
+    @model_validator(mode="after")
+    def _files_usable(self) -> NodeTlsSection:
+        try:
+            tls.server_context(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class ClientTlsSection(_Section):
+    """TLS on associations the node opens: ``[[destinations]].tls``, ``[worklist.tls]``."""
+
+    #: CA bundle (PEM) the peer's certificate is verified against; absent: the system's CAs.
+    ca_certificates: Path | None = None
+    #: The node's own certificate and key, for a peer that asks for one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Check that the peer's certificate names the host (name or IP address) connected to.
+    verify_hostname: bool = True
+    min_version: TlsVersion = "1.2"
+
+    @model_validator(mode="after")
+    def _files_usable(self) -> ClientTlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: set both (to present "
+                             "the node's certificate) or neither")
+        try:
+            tls.client_context(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class NodeSection(_Section):
     ae_title: AETitle = "DICOM_NODE"
     port: Port = 11112
@@ -76,6 +131,23 @@ class NodeSection(_Section):
     #: "keep" keeps the first copy. Either way the sender gets Success and the study's clock
     #: restarts.
     on_duplicate: Literal["replace", "keep"] = "replace"
+    #: The DICOM TLS listener (absent: plain TCP on ``port`` only).
+    tls: NodeTlsSection | None = None
+
+    @model_validator(mode="after")
+    def _tls_port_free(self) -> NodeSection:
+        if self.tls is not None and self.tls.plain_tcp and self.tls.port == self.port:
+            raise ValueError(f"tls.port ({self.tls.port}) is node.port, and tls.plain_tcp = "
+                             f"true keeps plain TCP on node.port: give TLS its own port "
+                             f"({DICOM_TLS_PORT} is DICOM TLS's), or set plain_tcp = false")
+        return self
+
+    @property
+    def listen_ports(self) -> tuple[int, ...]:
+        """The ports the receiver listens on: plain TCP, then TLS."""
+        if self.tls is None:
+            return (self.port,)
+        return (self.port, self.tls.port) if self.tls.plain_tcp else (self.tls.port,)
 
 
 DEFAULT_DATABASE_URL = "sqlite:///var/dicom-node.db"
@@ -164,6 +236,8 @@ class WorklistSection(_Section):
     #: from the Study Date (0: the same day).
     match_days: Annotated[int, Field(ge=0, le=7)] = 0
     filter: WorklistFilter = WorklistFilter()
+    #: DICOM TLS to the worklist SCP (absent: plain TCP).
+    tls: ClientTlsSection | None = None
 
 
 class MppsSection(_Section):
@@ -199,13 +273,17 @@ class RetentionSection(_Section):
 
 
 class Destination(_Section):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
     #: Our AE title on associations to this destination (default: node.ae_title).
     calling_ae_title: AETitle | None = None
     timeout_seconds: Seconds = 30.0
+    #: Associations all workers together may have open to it at once (dicom_node.send.slots).
+    max_associations: Annotated[int, Field(ge=1, le=64)] = 2
+    #: DICOM TLS to this destination (absent: plain TCP).
+    tls: ClientTlsSection | None = None
 
 
 class ModelRef(_Section):
@@ -372,8 +450,27 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+#: The path keys of a ``tls`` table.
+TLS_PATH_KEYS = ("certificate", "private_key", "ca_certificates")
+
+
+def _resolve_tls_paths(table: Any, base: Path) -> None:
+    """Resolve the paths of ``table["tls"]`` (copied, not changed in place) against ``base``."""
+    if not isinstance(table, dict) or not isinstance(table.get("tls"), dict):
+        return
+    section = dict(table["tls"])
+    for key in TLS_PATH_KEYS:
+        if isinstance(section.get(key), str):
+            section[key] = str(base / section[key])
+    table["tls"] = section
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative paths in the raw table relative to ``base`` (the config file's folder)."""
+    _resolve_tls_paths(raw.get("node"), base)
+    _resolve_tls_paths(raw.get("worklist"), base)
+    for destination in raw.get("destinations", []) or []:
+        _resolve_tls_paths(destination, base)
     node = raw.get("node")
     if isinstance(node, dict) and "data_dir" in node:
         node["data_dir"] = str(base / str(node["data_dir"]))

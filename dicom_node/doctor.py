@@ -16,6 +16,9 @@ database           the database cannot be reached
 data_dir           the data folder (or the folder that would hold it) is not writable
 disk               less than 200 MB free where the data folder lives (warn below 2 GB)
 dcmtk, dicom3tools missing tools only warn: they are for tests and troubleshooting
+tls …              a configured certificate has expired, or its file cannot be read (warn
+                   within 30 days of expiry); a key that does not match its certificate
+                   already fails ``config``
 models             a card does not validate; with --load, its weights do not load
 =================  =====================================================================
 """
@@ -30,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -41,13 +45,15 @@ Status = Literal["ok", "warn", "FAIL"]
 
 #: Packages the node imports; a missing one is a failure.
 REQUIRED = ("pydicom", "pynetdicom", "highdicom", "numpy", "keras", "pydantic", "SQLAlchemy",
-            "structlog", "apscheduler", "pylibjpeg", "pyjpegls")
+            "structlog", "apscheduler", "pylibjpeg", "pyjpegls", "cryptography")
 #: Packages of the extras: reported when present, a warning when absent.
 OPTIONAL = {"matplotlib": "eval", "scikit-image": "eval", "sacrebleu": "eval",
             "rouge-score": "eval"}
 TOOLS = ("storescu", "echoscu", "dcmdump", "dciodvfy")
 DISK_FAIL_BYTES = 200 * 10**6
 DISK_WARN_BYTES = 2 * 10**9
+#: A certificate that expires within this many days is a warning.
+CERT_WARN_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,70 @@ def check_retention(config: Config, free: int) -> Check:
                  f"go first (now {free / 1e9:.1f} GB free)")
 
 
+def _expiry(path: Path, expired: Status, now: datetime | None) -> tuple[Status, str]:
+    """The first certificate to expire in ``path`` (a chain, or a CA bundle): ``expired`` once it
+    has, a warning within CERT_WARN_DAYS."""
+    from dicom_node import tls
+
+    first = min(tls.read_certificates(path), key=lambda cert: cert.not_after)
+    days = first.days_left(now)
+    what = f"{first.subject} ({path.name})"
+    if days < 0:
+        return expired, f"{what} EXPIRED on {first.not_after:%Y-%m-%d}"
+    if days < CERT_WARN_DAYS:
+        return "warn", f"{what} expires {first.not_after:%Y-%m-%d}, in {days:.0f} day(s): renew it"
+    return "ok", f"{what} expires {first.not_after:%Y-%m-%d} (in {days:.0f} days)"
+
+
+def _tls_check(name: str, settings: str, own: Path | None, bundle: Path | None,
+               now: datetime | None) -> Check:
+    """An expired own certificate fails (peers refuse it); an expired CA in the bundle only
+    warns (the bundle may hold others)."""
+    order: dict[Status, int] = {"ok": 0, "warn": 1, "FAIL": 2}
+    status: Status = "ok"
+    details = [settings]
+    files: tuple[tuple[Path | None, Status], ...] = ((own, "FAIL"), (bundle, "warn"))
+    try:
+        for path, expired in files:
+            if path is not None:
+                found, text = _expiry(path, expired, now)
+                status = max(status, found, key=order.__getitem__)
+                details.append(text)
+    except ConfigError as exc:
+        return Check(name, "FAIL", str(exc))
+    return Check(name, status, "; ".join(details))
+
+
+def check_tls(config: Config, now: datetime | None = None) -> list[Check]:
+    """DICOM TLS of the receiver, the destinations and the worklist: settings and expiry."""
+    node = config.node
+    if node.tls is None:
+        checks = [Check("tls receiver", "ok", f"off: plain TCP on port {node.port} only; DICOM "
+                        "travels unencrypted (docs/security.md)")]
+    else:
+        section = node.tls
+        plain = f"plain TCP on {node.port} too" if section.plain_tcp else "no plain TCP"
+        clients = ("client certificates required" if section.require_client_certificate
+                   else "client certificates verified when presented"
+                   if section.ca_certificates else "client certificates not asked for")
+        checks = [_tls_check("tls receiver", f"port {section.port} ({plain}), TLS >= "
+                             f"{section.min_version}, {clients}", section.certificate,
+                             section.ca_certificates, now)]
+    peers = [(f"tls destination {d.name}", d.tls) for d in config.destinations]
+    if config.worklist is not None and config.worklist.enabled:
+        peers.append(("tls worklist", config.worklist.tls))
+    for name, client in peers:
+        if client is None:
+            continue
+        hostname = "host name checked" if client.verify_hostname else "host name NOT checked"
+        own = "own certificate presented" if client.certificate else "no own certificate"
+        trust = "" if client.ca_certificates else ", system CAs trusted"
+        settings = f"TLS >= {client.min_version}, {hostname}, {own}{trust}"
+        checks.append(_tls_check(name, settings, client.certificate, client.ca_certificates,
+                                 now))
+    return checks
+
+
 def check_tools() -> Check:
     found = {tool: shutil.which(tool) for tool in TOOLS}
     missing = [t for t, path in found.items() if path is None]
@@ -247,6 +317,7 @@ def run_checks(config_path: str | Path, load: bool = False) -> list[Check]:
     checks.append(check_database(config))
     checks += check_data_dir(config)
     checks.append(check_tools())
+    checks += check_tls(config)
     worklist = check_worklist(config)
     if worklist is not None:
         checks.append(worklist)

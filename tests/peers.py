@@ -6,7 +6,8 @@ owns (``tmp_path`` in tests), and stopped (and waited for) when its ``with`` blo
 - :func:`dcmtk` runs one DCMTK tool (``echoscu``, ``storescu`` …) with ``TCP_NODELAY=1``.
 - :class:`StoreSCP` is DCMTK's ``storescp`` writing what it receives to a folder.
 - :class:`OrthancServer` is Orthanc as the hospital PACS: own JSON config, REST helpers, and
-  optionally the Lua auto-forward of :func:`auto_forward_lua`.
+  optionally the Lua auto-forward of :func:`auto_forward_lua`, DICOM TLS (:class:`OrthancTls`)
+  and a worklist served by its Modality Worklists plugin.
 - :class:`NodeProcess` is ``python -m dicom_node receive|worker|serve`` with a generated
   config.toml, JSON logs captured to a file, and the ``dicom-node`` CLI bound to that config.
 
@@ -40,6 +41,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -258,18 +260,47 @@ end
 """
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's DICOM TLS (1.9.0+): one certificate and key for its SCP and its SCU, the PEM
+    bundle it trusts peers by (``DicomTlsTrustedCertificates``: CA or peer certificates), and
+    whether a peer without a certificate is refused (``DicomTlsRemoteCertificateRequired``, like
+    DCMTK's ``--require-peer-cert``; false is ``--verify-peer-cert`` in 1.10). With TLS on,
+    Orthanc's DICOM port speaks TLS only; its SCU uses TLS towards a modality whose
+    ``DicomModalities`` entry says ``"UseDicomTls": true``."""
+
+    certificate: Path
+    private_key: Path
+    trusted: Path
+    remote_certificate_required: bool = True
+
+    def config(self) -> dict[str, Any]:
+        return {"DicomTlsEnabled": True, "DicomTlsCertificate": str(self.certificate),
+                "DicomTlsPrivateKey": str(self.private_key),
+                "DicomTlsTrustedCertificates": str(self.trusted),
+                "DicomTlsRemoteCertificateRequired": self.remote_certificate_required}
+
+
+#: Orthanc's Modality Worklists plugin (Debian package orthanc).
+ORTHANC_WORKLISTS_PLUGIN = "/usr/share/orthanc/plugins/libModalityWorklists.so"
+
+
 class OrthancServer(_Managed):
     """Orthanc (Debian's 1.10) as the PACS, with its own config and storage in ``workdir``.
 
-    ``modalities`` maps a name to ``(AE title, host, port)`` (Orthanc's ``DicomModalities``).
+    ``modalities`` maps a name to ``(AE title, host, port)`` (Orthanc's ``DicomModalities``),
+    or to the object form of an entry (``{"AET": …, "Host": …, "Port": …, "UseDicomTls": true}``).
     ``stable_age`` is Orthanc's ``StableAge`` in seconds; ``lua`` the text of a Lua script
-    (e.g. :func:`auto_forward_lua`); ``extra`` more config keys. Orthanc runs as the current
+    (e.g. :func:`auto_forward_lua`); ``tls`` turns DICOM TLS on (:class:`OrthancTls`);
+    ``worklists`` a folder of ``.wl`` files that the Modality Worklists plugin serves to any
+    calling AE (Orthanc as the RIS); ``extra`` more config keys. Orthanc runs as the current
     user: as root that works here (checked with Orthanc 1.10.1); no privileges are needed.
     """
 
     def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC",
-                 modalities: Mapping[str, tuple[str, str, int]] | None = None,
+                 modalities: Mapping[str, tuple[str, str, int] | Mapping[str, Any]] | None = None,
                  stable_age: int = 60, lua: str | None = None,
+                 tls: OrthancTls | None = None, worklists: Path | None = None,
                  extra: Mapping[str, Any] | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.ae_title = ae_title
@@ -279,6 +310,8 @@ class OrthancServer(_Managed):
         self.modalities = dict(modalities or {})
         self.stable_age = stable_age
         self.lua = lua
+        self.tls = tls
+        self.worklists = worklists
         self.extra = dict(extra or {})
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -299,7 +332,8 @@ class OrthancServer(_Managed):
             "DicomAlwaysAllowEcho": True,
             "DicomCheckCalledAet": False,
             "Plugins": [],
-            "DicomModalities": {name: list(m) for name, m in self.modalities.items()},
+            "DicomModalities": {name: dict(m) if isinstance(m, Mapping) else list(m)
+                                for name, m in self.modalities.items()},
             "StableAge": self.stable_age,
             "SaveJobs": False,
         }
@@ -307,6 +341,12 @@ class OrthancServer(_Managed):
             script = self.workdir / "orthanc.lua"
             script.write_text(self.lua, encoding="utf-8")
             cfg["LuaScripts"] = [str(script)]
+        if self.tls is not None:
+            cfg.update(self.tls.config())
+        if self.worklists is not None:
+            cfg["Plugins"] = [ORTHANC_WORKLISTS_PLUGIN]
+            cfg["Worklists"] = {"Enable": True, "Database": str(self.worklists)}
+            cfg["DicomAlwaysAllowFindWorklist"] = True
         cfg.update(self.extra)
         return cfg
 

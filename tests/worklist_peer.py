@@ -115,6 +115,23 @@ def worklist_item_dump(
     return "\n".join(lines) + "\n"
 
 
+def write_worklist_file(folder: Path, name: str, dump: str, scratch_dir: Path) -> Path:
+    """``folder/<name>.wl`` from dump text (``dump2dcm +te``), made in ``scratch_dir`` and renamed
+    into place, so that an SCP reading ``folder`` sees it whole (wlmscpfs, or Orthanc's Modality
+    Worklists plugin)."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"item name {name!r}: letters, digits, - and _ only")
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    dump_path = scratch_dir / f"{name}.dump"
+    dump_path.write_text(dump, encoding="latin-1")
+    scratch = scratch_dir / f"{name}.wl"
+    dcmtk("dump2dcm", "+te", dump_path, scratch, check=True)
+    target = folder / f"{name}.wl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(scratch, target)
+    return target
+
+
 class WorklistSCP(_Managed):
     """wlmscpfs on a free port, serving the items in ``db_dir/<ae_title>/``.
 
@@ -167,17 +184,7 @@ class WorklistSCP(_Managed):
     def add_item(self, name: str, dump: str) -> Path:
         """Write item ``name`` from dump text (``dump2dcm +te``); it is served from the next
         query on. The file appears whole (written aside, then renamed)."""
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"item name {name!r}: letters, digits, - and _ only")
-        dump_path = self.dumps_dir / f"{name}.dump"
-        dump_path.parent.mkdir(parents=True, exist_ok=True)
-        dump_path.write_text(dump, encoding="latin-1")
-        scratch = self.dumps_dir / f"{name}.wl"
-        dcmtk("dump2dcm", "+te", dump_path, scratch, check=True)
-        target = self.items_dir / f"{name}.wl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch, target)
-        return target
+        return write_worklist_file(self.items_dir, name, dump, self.dumps_dir)
 
     def add(self, name: str, **fields: Any) -> Path:
         """``add_item(name, worklist_item_dump(**fields))``."""

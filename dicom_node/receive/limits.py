@@ -8,7 +8,8 @@ each ``recv`` (pynetdicom only advertises the maximum PDU length; its issue #108
 closes those holes for the receiver:
 
 - :func:`cap_connections` refuses a TCP connection at accept time (the socket is closed before a
-  thread is started) when ``node.max_connections`` are open;
+  thread is started) when ``node.max_connections`` are open, on the plain and the TLS listener
+  together (a TLS connection still in its handshake counts);
 - :func:`install_bounded_reads` replaces ``AssociationSocket.recv`` with a read that refuses a
   PDU longer than the limit and gives the whole PDU one deadline (``network_timeout_seconds``),
   reading into one pre-sized buffer in large chunks (fewer system calls than pynetdicom's 4 KB
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,16 @@ class ConnectionCap:
         return False
 
 
-def cap_connections(server: Any, limit: int) -> ConnectionCap:
-    """Install the cap on a pynetdicom AssociationServer (a socketserver.TCPServer)."""
-    cap = ConnectionCap(limit, lambda: len(server.active_associations))
-    server.verify_request = cap.verify
+def _open_connections(server: Any) -> int:
+    """A server's open connections: its associations' threads, and (a TLS server) the
+    connections still in their handshake, which have no association thread yet."""
+    return len(server.active_associations) + int(getattr(server, "handshakes_in_progress", 0))
+
+
+def cap_connections(servers: Sequence[Any], limit: int) -> ConnectionCap:
+    """Install one cap, shared by the receiver's listeners (plain and TLS), on each of its
+    pynetdicom AssociationServers (socketserver.TCPServers)."""
+    cap = ConnectionCap(limit, lambda: sum(_open_connections(s) for s in servers))
+    for server in servers:
+        server.verify_request = cap.verify
     return cap

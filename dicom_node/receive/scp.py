@@ -1,4 +1,5 @@
-"""The Storage SCP: a pynetdicom AE with C-ECHO and C-STORE, limits, timeouts and TCP_NODELAY."""
+"""The Storage SCP: a pynetdicom AE with C-ECHO and C-STORE, limits, timeouts and TCP_NODELAY,
+listening on plain TCP, on DICOM TLS (:mod:`dicom_node.receive.tls_server`), or on both."""
 
 from __future__ import annotations
 
@@ -32,12 +33,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy.engine import Engine
 
-from dicom_node.config import Config
+from dicom_node import tls
+from dicom_node.config import Config, NodeSection, NodeTlsSection
+from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 from dicom_node.mpps.scp import mpps_handlers
 from dicom_node.receive import limits, polling
 from dicom_node.receive.status import EchoStatus
 from dicom_node.receive.store_handler import StoreContext, handle_store
+from dicom_node.receive.tls_server import TlsAssociationServer, start_tls_server
 from dicom_node.store.db import make_sessionmaker
 
 #: Transfer syntaxes the receiver accepts: uncompressed, deflated and the common compressed ones.
@@ -78,6 +82,40 @@ def _connection_limit(config: Config) -> int:
     return node.max_connections or node.max_associations + 8
 
 
+def _tls_listener(node: NodeSection) -> tuple[int, bool] | None:
+    """The TLS listener's shape (port, plain TCP too), None without TLS."""
+    return None if node.tls is None else (node.tls.port, node.tls.plain_tcp)
+
+
+def _listeners(node: NodeSection) -> tuple[object, ...]:
+    """What a reload cannot change on a running receiver: its identity and its listeners."""
+    return (node.ae_title, node.port, node.bind, node.data_dir, _tls_listener(node))
+
+
+#: [node] keys a reload applies to a running receiver.
+RELOADABLE_NODE_KEYS = ("allowed_calling_aets", "max_associations", "network_timeout_seconds",
+                        "acse_timeout_seconds", "dimse_timeout_seconds", "max_pdu_bytes",
+                        "max_connections", "on_duplicate")
+
+
+#: The receiver warns (tls_certificate_expiring) at start and reload within this many days.
+CERTIFICATE_WARN_DAYS = 30
+
+
+def _certificate_fields(section: NodeTlsSection) -> dict[str, Any]:
+    """Log fields about the node's certificate (subject, expiry)."""
+    leaf = tls.read_certificates(section.certificate)[0]
+    return {"certificate": leaf.subject, "certificate_expires": leaf.not_after.isoformat(),
+            "certificate_days_left": int(leaf.days_left())}
+
+
+def _warn_if_expiring(fields: dict[str, Any]) -> None:
+    if fields["certificate_days_left"] < CERTIFICATE_WARN_DAYS:
+        log.warning("tls_certificate_expiring", certificate=fields["certificate"],
+                    certificate_expires=fields["certificate_expires"],
+                    certificate_days_left=fields["certificate_days_left"])
+
+
 class Receiver:
     """The running SCP. ``reconfigure`` applies what can change without a restart."""
 
@@ -91,6 +129,8 @@ class Receiver:
         self.mpps = mpps_enabled(config)
         self.ae = self._make_ae(config)
         self._server: Any = None
+        self._tls_server: TlsAssociationServer | None = None
+        self._previous_tempdir: str | None = None
 
     def _make_ae(self, config: Config) -> AE:
         ae = AE(ae_title=config.node.ae_title)
@@ -116,9 +156,10 @@ class Receiver:
 
     def start(self) -> None:
         config = self.context.config
+        node = config.node
         # Each receiver (host, port) has its own scratch folder, so that clearing leftovers at
         # start never touches another receiver's data sets in flight on a shared data folder.
-        scratch = config.incoming_dir / f"{socket.gethostname()}-{config.node.port}"
+        scratch = config.incoming_dir / f"{socket.gethostname()}-{node.listen_ports[0]}"
         scratch.mkdir(parents=True, exist_ok=True)
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         # Data sets go straight to a file in incoming/ (same file system as the spool, so the
@@ -129,8 +170,10 @@ class Receiver:
         # bound whatever the log level; the node logs its own structured events instead.
         _config.LOG_HANDLER_LEVEL = "none"
         polling.install()
-        limits.install_bounded_reads(config.node.max_pdu_bytes,
-                                     config.node.network_timeout_seconds)
+        limits.install_bounded_reads(node.max_pdu_bytes, node.network_timeout_seconds)
+        # given back at stop(), so that the rest of a process running a receiver for a while
+        # (the tests) writes its temporary files where it did before
+        self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(scratch)
         for leftover in scratch.glob("*.dcm"):
             leftover.unlink(missing_ok=True)  # never acknowledged: the sender will re-send
@@ -145,47 +188,93 @@ class Receiver:
         ]
         if self.mpps:
             handlers.extend(mpps_handlers(self.context))
-        self._server = self.ae.start_server(
-            (config.node.bind, config.node.port), block=False, evt_handlers=handlers)
-        self._cap = limits.cap_connections(self._server, _connection_limit(config))
-        log.info("receiver_started", ae_title=config.node.ae_title, bind=config.node.bind,
-                 port=self.port, max_associations=config.node.max_associations,
-                 allowed_calling_aets=list(config.node.allowed_calling_aets) or "any")
+        tls_fields: dict[str, Any] = {}
+        if node.tls is not None:
+            self._tls_server = start_tls_server(
+                self.ae, (node.bind, node.tls.port), tls.server_context(node.tls), handlers,
+                node.acse_timeout_seconds)
+            tls_fields = {"tls_port": self.tls_port, "tls_min_version": node.tls.min_version,
+                          "client_certificate_required": node.tls.require_client_certificate,
+                          **_certificate_fields(node.tls)}
+        if node.tls is None or node.tls.plain_tcp:
+            self._server = self.ae.start_server(
+                (node.bind, node.port), block=False, evt_handlers=handlers)
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._cap = limits.cap_connections(servers, _connection_limit(config))
+        log.info("receiver_started", ae_title=node.ae_title, bind=node.bind,
+                 port=self._server_port(self._server), max_associations=node.max_associations,
+                 allowed_calling_aets=list(node.allowed_calling_aets) or "any", **tls_fields)
+        if tls_fields:
+            _warn_if_expiring(tls_fields)
+
+    @staticmethod
+    def _server_port(server: Any) -> int | None:
+        return int(server.server_address[1]) if server is not None else None
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1]) if self._server else 0
+        """The plain TCP listener's port (the TLS one's when there is no plain listener)."""
+        return self._server_port(self._server) or self.tls_port
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port; 0 without one."""
+        return self._server_port(self._tls_server) or 0
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._server = self._tls_server = None
+        for server in servers:
+            server.shutdown()
+        if servers:
             self.context.io.shutdown(wait=True)
+            tempfile.tempdir = self._previous_tempdir
             log.info("receiver_stopped")
 
     def reconfigure(self, config: Config) -> None:
-        """Apply a reloaded config: limits and allow-list now; address changes need a restart."""
+        """Apply a reloaded config: limits, allow-list and the TLS certificate now; address and
+        listener changes need a restart."""
         old = self.context.config
-        if (old.node.ae_title, old.node.port, old.node.bind, old.node.data_dir) != (
-                config.node.ae_title, config.node.port, config.node.bind, config.node.data_dir):
-            log.warning("restart_required", reason="node.ae_title, port, bind or data_dir changed; "
-                        "the receiver keeps its current address until restarted")
+        if _listeners(old.node) != _listeners(config.node):
+            log.warning("restart_required", reason="node.ae_title, port, bind, data_dir, or "
+                        "whether and where TLS listens (node.tls, tls.port, tls.plain_tcp) "
+                        "changed; the receiver keeps its current listeners until restarted")
+            keep_tls = (old.node.tls is not None
+                        and _tls_listener(old.node) == _tls_listener(config.node))
             config = config.model_copy(update={"node": old.node.model_copy(update={
                 k: getattr(config.node, k) for k in (
-                    "allowed_calling_aets", "max_associations", "network_timeout_seconds",
-                    "acse_timeout_seconds", "dimse_timeout_seconds", "max_pdu_bytes",
-                    "max_connections",
-                    "on_duplicate")})})
+                    *RELOADABLE_NODE_KEYS, *(("tls",) if keep_tls else ()))})})
         if mpps_enabled(config) != self.mpps:
             log.warning("restart_required", reason="[mpps] was turned "
                         f"{'on' if mpps_enabled(config) else 'off'}; the MPPS SCP stays "
                         f"{'on' if self.mpps else 'off'} until the receiver is restarted")
         self._apply_limits(self.ae, config)
-        if self._server is not None:
+        if self._server is not None or self._tls_server is not None:
             self._cap.limit = _connection_limit(config)
             limits.install_bounded_reads(config.node.max_pdu_bytes,
                                          config.node.network_timeout_seconds)
+        if self._tls_server is not None and config.node.tls is not None:
+            self._tls_server.handshake_timeout = config.node.acse_timeout_seconds
+            if not self._reload_tls(self._tls_server, config.node.tls):
+                config = config.model_copy(update={"node": config.node.model_copy(
+                    update={"tls": old.node.tls})})
         self.context.config = config
+
+    def _reload_tls(self, server: TlsAssociationServer, section: NodeTlsSection) -> bool:
+        """A new SSL context from the files, read again, for the connections accepted from now
+        on (open associations keep their session); False, and the old context kept, when a file
+        changed after the config was validated and no longer works."""
+        try:
+            context = tls.server_context(section)
+            fields = _certificate_fields(section)
+        except ConfigError as exc:
+            log.error("tls_reload_failed", reason=f"node.tls: {exc}",
+                      action="keeping the current certificate and settings")
+            return False
+        server.ssl_context = context
+        log.info("tls_reloaded", tls_port=self.tls_port, **fields)
+        _warn_if_expiring(fields)
+        return True
 
     def _handle_echo(self, event: Any) -> int:
         log.info("echo_answered", calling_ae=str(event.assoc.requestor.ae_title).strip())
@@ -200,8 +289,9 @@ class Receiver:
         return status
 
     def _on_accepted(self, event: Any) -> None:
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         log.info("association_accepted", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-                 peer=event.assoc.requestor.address)
+                 peer=event.assoc.requestor.address, **tls.peer_fields(sock))
 
     def _on_closed(self, event: Any) -> None:
         polling.forget(event.assoc)

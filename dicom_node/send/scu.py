@@ -1,4 +1,8 @@
-"""C-STORE SCU: send files to a configured destination, checking the status of every instance."""
+"""C-STORE SCU: send files to a configured destination, checking the status of every instance.
+
+A destination with a ``tls`` table is reached over DICOM TLS (:func:`dicom_node.tls.client_context`:
+the PACS's certificate verified, the node's own presented when configured); the handshake is part
+of connecting, and so bound by the destination's ``timeout_seconds``."""
 
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node import tls
 from dicom_node.config import Destination
-from dicom_node.errors import SendError
+from dicom_node.errors import ConfigError, SendError
 from dicom_node.log import get_logger
 from dicom_node.receive.scp import set_nodelay
+from dicom_node.send.ae import ClientAE
 
 log = get_logger()
 
@@ -44,21 +51,42 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _make_ae(calling_ae: str, timeout: float) -> AE:
-    ae = AE(ae_title=calling_ae)
+def _make_ae(calling_ae: str, timeout: float) -> ClientAE:
+    ae = ClientAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     return ae
+
+
+def where(dest: Destination) -> str:
+    """``AE@host:port``, and ``over TLS`` for a destination reached over TLS."""
+    return (f"{dest.ae_title}@{dest.host}:{dest.port}"
+            + (" over TLS" if dest.tls is not None else ""))
+
+
+def _associate(ae: ClientAE, dest: Destination) -> Association:
+    try:
+        tls_args = tls.tls_args(dest.tls, dest.host)
+    except ConfigError as exc:  # a file changed or went away after the config was loaded
+        raise SendError(f"{dest.name}: destinations.tls: {exc}") from None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    if not assoc.is_established:
+        for thread in (assoc, assoc.dul):  # let pynetdicom finish with the socket first
+            if thread.is_alive():
+                thread.join(timeout=2)
+        ae.close_sockets()
+        hint = ("; with TLS, also a refused handshake: certificates, CA bundle, host name "
+                "(pynetdicom logs the TLS error)" if dest.tls is not None else "")
+        raise SendError(f"{dest.name}: association with {where(dest)} was rejected or could "
+                        f"not be opened{hint}")
+    return assoc
 
 
 def echo(dest: Destination, calling_ae: str) -> int:
     """C-ECHO the destination; return its status (0: success); SendError if unreachable."""
     ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} "
-                        "was rejected or could not be opened")
+    assoc = _associate(ae, dest)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -109,11 +137,7 @@ def _send_batch(dest: Destination, batch: Sequence[tuple[Path, str, str, str]],
     ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     for sop_class, ts in sorted(contexts):
         ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} "
-                        "was rejected or could not be opened")
+    assoc = _associate(ae, dest)
     sent, warnings = 0, 0
     failed: list[tuple[str, str]] = []
     try:

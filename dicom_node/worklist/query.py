@@ -9,14 +9,14 @@ no worklist UID or accession number. What the SCP returns beyond the keys asked 
 
 Not every SCP matches on every key (wlmscpfs ignores Scheduled Station Name), so the items are
 checked against the filter again here, and those that the SCP should not have returned are left
-out. One association per query, released as soon as the last response arrived.
+out. One association per query, released as soon as the last response arrived; over DICOM TLS
+when ``[worklist.tls]`` is set (:func:`dicom_node.tls.client_context`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,9 +38,11 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from dicom_node import tls
 from dicom_node.config import WorklistFilter, WorklistSection
-from dicom_node.errors import WorklistError
+from dicom_node.errors import ConfigError, WorklistError
 from dicom_node.log import get_logger
+from dicom_node.send.ae import ClientAE
 from dicom_node.worklist.order import scheduled_start, scheduled_step
 
 log = get_logger()
@@ -205,31 +207,6 @@ def _detail(messages: list[str], prefix: str) -> str | None:
 # the query
 
 
-class _QueryAE(AE):
-    """An AE that closes the TCP sockets of its associations when asked.
-
-    pynetdicom 3.0.4 never closes the socket of a refused connection (it shuts the unconnected
-    socket down, which fails, and drops it): every poll of a RIS that is down would leave a
-    socket to the garbage collector and a ResourceWarning. The socket is caught here as it is
-    created (``AE._create_socket``) and closed by :meth:`close_sockets`.
-    """
-
-    def __init__(self, ae_title: str) -> None:
-        super().__init__(ae_title=ae_title)
-        self._sockets: list[socket.socket] = []
-
-    def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> Any:
-        wrapper = super()._create_socket(assoc, address, tls_args)
-        if isinstance(wrapper.socket, socket.socket):
-            self._sockets.append(wrapper.socket)
-        return wrapper
-
-    def close_sockets(self) -> None:
-        for sock in self._sockets:
-            sock.close()  # a no-op on a socket pynetdicom closed already
-        self._sockets.clear()
-
-
 def query_worklist(section: WorklistSection, node_ae_title: str,
                    today: date | None = None) -> list[Dataset]:
     """C-FIND the worklist SCP of ``section``; the items it returns that fit the filter.
@@ -241,9 +218,10 @@ def query_worklist(section: WorklistSection, node_ae_title: str,
     """
     today = today or date.today()
     first, last = date_range(section, today)
-    where = f"Modality Worklist {section.ae_title}@{section.host}:{section.port}"
+    where = (f"Modality Worklist {section.ae_title}@{section.host}:{section.port}"
+             + (" over TLS" if section.tls is not None else ""))
     timeout = section.timeout_seconds
-    ae = _QueryAE(section.calling_ae_title or node_ae_title)
+    ae = ClientAE(section.calling_ae_title or node_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(ModalityWorklistInformationFind)
     identifier = build_identifier(section, today)
@@ -252,11 +230,16 @@ def query_worklist(section: WorklistSection, node_ae_title: str,
     def on_open(_event: Any) -> None:
         connected.set()
 
+    try:
+        tls_args = tls.tls_args(section.tls, section.host)
+    except ConfigError as exc:  # a file changed or went away after the config was loaded
+        reason = f"worklist.tls: {exc}"
+        raise WorklistError(f"{where}: {reason}", reason) from None
     _install_filter()
     with _query_logs.watch(ae) as watch:
         try:
             assoc = ae.associate(section.host, section.port, ae_title=section.ae_title,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                                 tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
         except OSError as exc:  # the host name does not resolve
             reason = f"cannot connect: {exc}"
             raise WorklistError(f"{where}: {reason}", reason) from None
