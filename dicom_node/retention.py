@@ -65,6 +65,10 @@ GRACE_SECONDS = 35.0
 TRASH = "trash"
 #: In data_dir: the lock that makes passes over one data folder take turns.
 LOCK_FILE = "retention.lock"
+#: A file in ``incoming/`` unchanged for this long is left over from a transfer that never
+#: ended (a receiver killed mid-association, a replaced pod) or a crashed worker's write. It was
+#: never acknowledged: acknowledged files are in the spool.
+STALE_SCRATCH_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class PassReport:
     free_bytes_after: int = 0
     #: True when another pass over the same data folder was running, so this one did nothing.
     skipped: bool = False
+    #: Left-over files deleted from incoming/ (see STALE_SCRATCH_SECONDS).
+    scratch_files: int = 0
 
 
 def _last_activity(session: Session, study_uid: str | None = None
@@ -194,8 +200,9 @@ class Retention:
     def _pass(self, config: Config, section: RetentionSection, report: PassReport, *,
               dry_run: bool, now: datetime | None) -> PassReport:
         data_dir = config.node.data_dir
-        if not dry_run:  # what a pass that crashed (or runs in another process) left
+        if not dry_run:  # what a pass that crashed or was stopped left
             report.restored += self._empty_trash(config, older_than=self.grace_seconds)
+            report.scratch_files = clear_stale_scratch(config.incoming_dir)
         now = now or utcnow()
         report.free_bytes_before = self.free_bytes(data_dir)
         with self.sessions() as session:
@@ -371,6 +378,25 @@ def _pass_lock(path: Path, *, wait: bool) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def clear_stale_scratch(incoming: Path, now: float | None = None) -> int:
+    """Delete the files under ``incoming`` unchanged for :data:`STALE_SCRATCH_SECONDS`; their
+    number. Folders stay: a receiver that is running writes into its own one."""
+    now = time.time() if now is None else now
+    removed, size = 0, 0
+    for path in incoming.rglob("*") if incoming.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # a transfer that ended meanwhile
+            stat = path.lstat()
+            if path.is_file() and now - stat.st_mtime > STALE_SCRATCH_SECONDS:
+                path.unlink()
+                removed, size = removed + 1, size + stat.st_size
+    if removed:
+        log.warning("scratch_cleared", files=removed, mb=round(size / 1e6, 1),
+                    reason=f"left in {incoming.name}/ by transfers or writes that never ended "
+                           f"(unchanged for {STALE_SCRATCH_SECONDS / 3600:.0f} h); never "
+                           "acknowledged")
+    return removed
 
 
 def _remove_tree(folder: Path) -> None:

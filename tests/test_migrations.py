@@ -255,7 +255,8 @@ def test_doctor_shows_the_schema_revision_and_fails_on_a_newer_one(tmp_path: Pat
     make_engine(f"sqlite:///{current}").dispose()
     config = parse_config({"database": {"url": f"sqlite:///{current}"}})
     check = check_database(config)
-    assert (check.status, check.detail.endswith("schema at revision 0001")) == ("ok", True)
+    head = migrations.head_revision()
+    assert (check.status, check.detail.endswith(f"schema at revision {head}")) == ("ok", True)
 
     newer = parse_config({"database": {"url": _from_the_future(tmp_path / "new.db")}})
     check = check_database(newer)

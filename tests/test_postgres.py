@@ -20,6 +20,7 @@ from dicom_node.config import Config, JobsSection, load_config
 from dicom_node.jobs import queue
 from dicom_node.receive.scp import Receiver
 from dicom_node.retention import Retention
+from dicom_node.send import slots
 from dicom_node.store import migrations
 from dicom_node.store.db import (
     Base,
@@ -35,6 +36,7 @@ from dicom_node.store.db import (
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
 from tests.test_migrations import ROOT, open_together
 from tests.test_retention import PLENTY, _storescu, _study_files, check_two_passes_at_once
+from tests.test_send_slots import check_workers_never_exceed_the_limit
 
 pytestmark = pytest.mark.slow
 
@@ -168,3 +170,9 @@ def test_two_receivers_purging_at_once_delete_each_study_once(node: Receiver,
         check_two_passes_at_once(node, tmp_path, second)
     finally:
         engine.dispose()
+
+
+def test_workers_sending_at_once_take_their_turns_for_a_destination(
+        sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slots, "POLL_SECONDS", 0.02)
+    check_workers_never_exceed_the_limit(sessions)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -407,3 +408,31 @@ def test_two_receivers_purging_at_once_delete_each_study_once(node: Receiver,
         check_two_passes_at_once(node, tmp_path, second)
     finally:
         engine.dispose()
+
+
+def test_files_left_in_incoming_by_transfers_that_never_ended_are_cleared(
+        node: Receiver, tmp_path: Path) -> None:
+    incoming = node.context.config.incoming_dir
+    gone = incoming / "dicom-node-receiver-7f9c-11112"  # a replaced pod's scratch folder
+    gone.mkdir(parents=True)
+    stale = [gone / "tmpa1b2c3", incoming / ".1.2.3.dcm.4242.tmp"]  # a crashed worker's write
+    fresh = gone / "tmpd4e5f6"  # a transfer still running on another receiver
+    for path in [*stale, fresh]:
+        path.write_bytes(b"\0" * 1000)
+    hours_ago = time.time() - 2 * 3600
+    for path in stale:
+        os.utime(path, (hours_ago, hours_ago))
+    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+    _storescu(node, paths)  # the node's own scratch folder is in use
+
+    with capture_logs() as logs:
+        report = _retention(node).run(node.context.config)
+
+    assert report.scratch_files == 2
+    assert not any(p.exists() for p in stale) and fresh.exists()
+    own = incoming / f"{socket.gethostname()}-{node.port}"
+    assert gone.is_dir() and own.is_dir()  # folders stay: a receiver writes in its own
+    (cleared,) = [e for e in logs if e["event"] == "scratch_cleared"]
+    assert cleared["files"] == 2
+    _storescu(node, paths)  # the receiver still stores
+    assert len(_spooled(node, study)) == 3

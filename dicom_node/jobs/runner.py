@@ -32,6 +32,7 @@ from dicom_node.messages import (
 )
 from dicom_node.retention import purged_at
 from dicom_node.send.scu import send_files
+from dicom_node.send.slots import send_slot
 from dicom_node.store.index import study_instances
 from dicom_node.store.spool import write_file
 from dicom_node.uids import validate_uid
@@ -168,7 +169,9 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
                 dest = config.destination(name)
             except KeyError:
                 raise SendError(f"destination {name!r} is no longer in the config") from None
-            report = send_files(dest, files, config.node.ae_title)
+            with send_slot(sessions, dest.name, dest.max_associations,
+                           f"{job.owner}/job {job.id}"):
+                report = send_files(dest, files, config.node.ae_title)
             if report.failed:
                 reasons = "; ".join(f"{uid}: {why}" for uid, why in report.failed[:3])
                 raise SendError(f"{name}: {len(report.failed)} of {len(files)} instance(s) "

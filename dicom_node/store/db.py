@@ -258,3 +258,18 @@ def make_engine(url: str, *, upgrade: bool = True) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class SendSlot(Base):
+    """One of a destination's association slots (dicom_node.send.slots): a worker holds one
+    while it has an association open to the destination, so that all workers sharing the
+    database together open at most ``destinations.max_associations`` to it."""
+
+    __tablename__ = "send_slots"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: Who holds it (worker name and job), or None when free.
+    holder: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    #: A holder that crashed frees its slot at this time (the holder renews it while it sends).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
