@@ -115,6 +115,10 @@ class NodeSection(_Section):
     bind: str = "0.0.0.0"
     data_dir: Path = Path("var")
     allowed_calling_aets: tuple[AETitle, ...] = ()
+    #: Reject an association whose Called AE Title is not ``ae_title`` (rejected-permanent,
+    #: "called AE title not recognized"). Off by default, like most PACS: senders often carry a
+    #: stale or generic called title.
+    check_called_ae_title: bool = False
     #: Simultaneous associations; the next one is rejected (transient, "local limit exceeded").
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     #: A peer that sends nothing for this long has its association aborted.

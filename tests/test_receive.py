@@ -133,12 +133,31 @@ def test_calling_ae_not_on_the_allow_list_is_rejected(receiver: Receiver) -> Non
     config = receiver.context.config
     receiver.reconfigure(config.model_copy(update={"node": config.node.model_copy(
         update={"allowed_calling_aets": ("MODALITY1",)})}))
-    refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "DICOM_NODE", "127.0.0.1",
-                    str(receiver.port))
+    with capture_logs() as logs:
+        refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "DICOM_NODE", "127.0.0.1",
+                        str(receiver.port))
     assert refused.returncode != 0
+    (rejected,) = [e for e in logs if e["event"] == "association_rejected"]
+    assert rejected["reason"] == "calling AE title 'INTRUDER' is not in node.allowed_calling_aets"
     allowed = dcmtk("echoscu", "-aet", "MODALITY1", "-aec", "DICOM_NODE", "127.0.0.1",
                     str(receiver.port))
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_wrong_called_ae_title_is_rejected_when_checked(receiver: Receiver) -> None:
+    wrong = dcmtk("echoscu", "-aec", "NOT_THE_NODE", "127.0.0.1", str(receiver.port))
+    assert wrong.returncode == 0, wrong.stderr  # off by default, like most PACS
+    config = receiver.context.config
+    receiver.reconfigure(config.model_copy(update={"node": config.node.model_copy(
+        update={"check_called_ae_title": True})}))
+    with capture_logs() as logs:
+        wrong = dcmtk("echoscu", "-aec", "NOT_THE_NODE", "127.0.0.1", str(receiver.port))
+        right = dcmtk("echoscu", "-aec", "DICOM_NODE", "127.0.0.1", str(receiver.port))
+    assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stderr
+    assert right.returncode == 0, right.stderr
+    (rejected,) = [e for e in logs if e["event"] == "association_rejected"]
+    assert rejected["reason"] == ("called AE title 'NOT_THE_NODE' is not this node's "
+                                  "'DICOM_NODE' (node.check_called_ae_title)")
 
 
 def test_association_beyond_the_limit_is_rejected(receiver: Receiver) -> None:
@@ -150,8 +169,11 @@ def test_association_beyond_the_limit_is_rejected(receiver: Receiver) -> None:
     first = ae.associate("127.0.0.1", receiver.port, ae_title="DICOM_NODE")
     assert first.is_established
     try:
-        second = dcmtk("echoscu", "-aec", "DICOM_NODE", "127.0.0.1", str(receiver.port))
+        with capture_logs() as logs:
+            second = dcmtk("echoscu", "-aec", "DICOM_NODE", "127.0.0.1", str(receiver.port))
         assert second.returncode != 0
+        (rejected,) = [e for e in logs if e["event"] == "association_rejected"]
+        assert rejected["reason"] == "1 associations already open (node.max_associations)"
     finally:
         first.release()
 

@@ -93,9 +93,10 @@ def _listeners(node: NodeSection) -> tuple[object, ...]:
 
 
 #: [node] keys a reload applies to a running receiver.
-RELOADABLE_NODE_KEYS = ("allowed_calling_aets", "max_associations", "network_timeout_seconds",
-                        "acse_timeout_seconds", "dimse_timeout_seconds", "max_pdu_bytes",
-                        "max_connections", "on_duplicate")
+RELOADABLE_NODE_KEYS = ("allowed_calling_aets", "check_called_ae_title", "max_associations",
+                        "network_timeout_seconds", "acse_timeout_seconds",
+                        "dimse_timeout_seconds", "max_pdu_bytes", "max_connections",
+                        "on_duplicate")
 
 
 #: The receiver warns (tls_certificate_expiring) at start and reload within this many days.
@@ -153,6 +154,7 @@ class Receiver:
         ae.dimse_timeout = node.dimse_timeout_seconds
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.require_called_aet = node.check_called_ae_title
 
     def start(self) -> None:
         config = self.context.config
@@ -203,7 +205,8 @@ class Receiver:
         self._cap = limits.cap_connections(servers, _connection_limit(config))
         log.info("receiver_started", ae_title=node.ae_title, bind=node.bind,
                  port=self._server_port(self._server), max_associations=node.max_associations,
-                 allowed_calling_aets=list(node.allowed_calling_aets) or "any", **tls_fields)
+                 allowed_calling_aets=list(node.allowed_calling_aets) or "any",
+                 check_called_ae_title=node.check_called_ae_title, **tls_fields)
         if tls_fields:
             _warn_if_expiring(tls_fields)
 
@@ -302,4 +305,23 @@ class Receiver:
 
     def _on_rejected(self, event: Any) -> None:
         log.warning("association_rejected", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-                    peer=event.assoc.requestor.address)
+                    peer=event.assoc.requestor.address, reason=rejection_reason(event.assoc))
+
+
+def rejection_reason(assoc: Any) -> str:
+    """Why pynetdicom rejected an association request, from the request and the AE's settings
+    (its EVT_REJECTED carries no reason). pynetdicom checks in this order and the last failing
+    check decides the A-ASSOCIATE-RJ: calling AE title, called AE title, association limit."""
+    ae, request = assoc.ae, assoc.requestor.primitive
+    calling = str(request.calling_ae_title).strip() if request is not None else "?"
+    called = str(request.called_ae_title).strip() if request is not None else "?"
+    reason = "rejected by the association negotiation"
+    if ae.require_calling_aet and calling not in [t.strip() for t in ae.require_calling_aet]:
+        reason = f"calling AE title {calling!r} is not in node.allowed_calling_aets"
+    if ae.require_called_aet and called != str(assoc.acceptor.ae_title).strip():
+        reason = (f"called AE title {called!r} is not this node's "
+                  f"{str(assoc.acceptor.ae_title).strip()!r} (node.check_called_ae_title)")
+    acceptors = [a for a in ae.active_associations if a.is_acceptor]
+    if len(acceptors) > ae.maximum_associations:
+        reason = f"{ae.maximum_associations} associations already open (node.max_associations)"
+    return reason
