@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.config import Destination
+from dicom_node.errors import SendError
+from dicom_node.receive.scp import Receiver
+from dicom_node.send.scu import echo, send_files
 from tests.conftest import sample_file
 from tests.peers import NodeProcess, StoreSCP, dcmtk, free_port
 from tests.test_e2e_orthanc import CHEST_MODEL, CHEST_ROUTE
@@ -60,7 +64,9 @@ def test_a_destination_that_is_down_fails_the_job_visibly_and_an_admin_retry_del
     assert len(retries) == 2 and failed["attempts"] == 3
     assert "LATER@127.0.0.1" in failed["reason"]
     (job,) = worker.jobs()
-    assert job["state"] == "failed" and "could not be opened" in job["last_error"]
+    assert job["state"] == "failed"
+    assert f"LATER@127.0.0.1:{down_port}: cannot connect: [Errno 111] Connection refused" in (
+        job["last_error"])
     (study,) = worker.studies()
     assert study["state"] == "failed"
     # The model ran once; the retries only re-sent the stored result.
@@ -91,3 +97,19 @@ def test_running_node_reloads_a_valid_config_and_refuses_an_invalid_one(
     assert node.returncode is None  # still running on the last good config
     echo = dcmtk("echoscu", "-aec", node.ae_title, "127.0.0.1", str(node.port))
     assert echo.returncode == 0
+
+
+def test_a_rejected_association_says_why(receiver: Receiver) -> None:
+    """The peer is the node's own SCP with a calling-AE allow-list that leaves the sender out."""
+    config = receiver.context.config
+    receiver.reconfigure(config.model_copy(update={"node": config.node.model_copy(
+        update={"allowed_calling_aets": ("MODALITY1",), "check_called_ae_title": True})}))
+    pacs = Destination(name="pacs", ae_title="DICOM_NODE", host="127.0.0.1",
+                       port=receiver.port, timeout_seconds=5)
+    with pytest.raises(SendError, match=r"pacs: DICOM_NODE@127\.0\.0\.1:\d+: association "
+                       r"rejected \(Rejected Permanent by Service User: Calling AE title not "
+                       r"recognised\)"):
+        send_files(pacs, [sample_file("CT_small.dcm")], "INTRUDER")
+    with pytest.raises(SendError, match=r"Called AE title not recognised"):
+        echo(pacs.model_copy(update={"ae_title": "ELSEWHERE"}), "MODALITY1")
+    assert echo(pacs, "MODALITY1") == 0

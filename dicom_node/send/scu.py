@@ -6,9 +6,11 @@ of connecting, and so bound by the destination's ``timeout_seconds``."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -22,6 +24,7 @@ from dicom_node.errors import ConfigError, SendError
 from dicom_node.log import get_logger
 from dicom_node.receive.scp import set_nodelay
 from dicom_node.send.ae import ClientAE
+from dicom_node.send.explain import association_failure, join, peer_logs
 
 log = get_logger()
 
@@ -63,22 +66,37 @@ def where(dest: Destination) -> str:
             + (" over TLS" if dest.tls is not None else ""))
 
 
-def _associate(ae: ClientAE, dest: Destination) -> Association:
+def _associate(ae: ClientAE, dest: Destination, service: str) -> Association:
+    """Open an association to ``dest``; SendError with the reason when it fails (connection
+    refused, TLS handshake, rejection and its reason, timeout: :mod:`dicom_node.send.explain`).
+    ``service`` names what was asked for, for a failure to negotiate any of it."""
     try:
         tls_args = tls.tls_args(dest.tls, dest.host)
     except ConfigError as exc:  # a file changed or went away after the config was loaded
         raise SendError(f"{dest.name}: destinations.tls: {exc}") from None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        for thread in (assoc, assoc.dul):  # let pynetdicom finish with the socket first
-            if thread.is_alive():
-                thread.join(timeout=2)
-        ae.close_sockets()
-        hint = ("; with TLS, also a refused handshake: certificates, CA bundle, host name "
-                "(pynetdicom logs the TLS error)" if dest.tls is not None else "")
-        raise SendError(f"{dest.name}: association with {where(dest)} was rejected or could "
-                        f"not be opened{hint}")
+    connected = threading.Event()
+
+    def on_open(event: Any) -> None:
+        connected.set()
+        set_nodelay(event)
+
+    with peer_logs.watch(ae) as watch:
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+        except OSError as exc:  # the host name does not resolve
+            raise SendError(f"{dest.name}: {where(dest)}: cannot connect: {exc}") from None
+        if not assoc.is_established:
+            join(assoc)  # let pynetdicom finish with the socket, and log its last words
+            ae.close_sockets()
+            reason = association_failure(assoc, connected.is_set(), watch.messages,
+                                         dest.timeout_seconds, service)
+            if dest.tls is not None and reason.startswith("association aborted"):
+                # TLS 1.3: a server refusing the client's certificate (or its absence) closes
+                # the connection after the handshake, when the A-ASSOCIATE-RQ is on its way
+                reason += ("; over TLS that is often the peer refusing the node's certificate "
+                           "or its absence (destinations.tls.certificate)")
+            raise SendError(f"{dest.name}: {where(dest)}: {reason}")
     return assoc
 
 
@@ -86,7 +104,7 @@ def echo(dest: Destination, calling_ae: str) -> int:
     """C-ECHO the destination; return its status (0: success); SendError if unreachable."""
     ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, dest)
+    assoc = _associate(ae, dest, "Verification")
     try:
         status = assoc.send_c_echo()
     finally:
@@ -137,7 +155,7 @@ def _send_batch(dest: Destination, batch: Sequence[tuple[Path, str, str, str]],
     ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     for sop_class, ts in sorted(contexts):
         ae.add_requested_context(sop_class, ts)
-    assoc = _associate(ae, dest)
+    assoc = _associate(ae, dest, "none of the results' SOP classes in their transfer syntaxes")
     sent, warnings = 0, 0
     failed: list[tuple[str, str]] = []
     try:

@@ -15,20 +15,15 @@ when ``[worklist.tls]`` is set (:func:`dicom_node.tls.client_context`).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 from pynetdicom.status import (
     MODALITY_WORKLIST_SERVICE_CLASS_STATUS,
@@ -43,6 +38,7 @@ from dicom_node.config import WorklistFilter, WorklistSection
 from dicom_node.errors import ConfigError, WorklistError
 from dicom_node.log import get_logger
 from dicom_node.send.ae import ClientAE
+from dicom_node.send.explain import association_failure, join, peer_logs
 from dicom_node.worklist.order import scheduled_start, scheduled_step
 
 log = get_logger()
@@ -130,81 +126,7 @@ def matches_filter(item: Dataset, wanted: WorklistFilter, first: date, last: dat
 
 
 # --------------------------------------------------------------------------------------------
-# pynetdicom's own log lines
-
-
-@dataclass
-class _Watch:
-    ae: AE
-    caller: threading.Thread
-    messages: list[str] = field(default_factory=list)
-
-
-class _QueryLogs(logging.Filter):
-    """Keeps pynetdicom's warnings and errors about a worklist query's association out of the
-    log, and hands them to the query as the reason of its failure.
-
-    A RIS that is down for an hour would otherwise log pynetdicom's "unable to connect" at every
-    poll; the poller logs the outage once instead. Records are told apart by the thread that
-    emits them: the querying thread, or the association's and its DUL's threads (whose ``ae`` is
-    the query's own AE). Every other record (the receiver's associations) passes untouched.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        self._watches: list[_Watch] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self._watches:
-            return True
-        thread = threading.current_thread()
-        assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
-        ae = getattr(assoc, "ae", None)
-        with self._lock:
-            for watch in self._watches:
-                if thread is watch.caller or (ae is not None and ae is watch.ae):
-                    watch.messages.append(record.getMessage())
-                    return False
-        return True
-
-    @contextlib.contextmanager
-    def watch(self, ae: AE) -> Iterator[_Watch]:
-        entry = _Watch(ae, threading.current_thread())
-        with self._lock:
-            self._watches.append(entry)
-        try:
-            yield entry
-        finally:
-            with self._lock:
-                self._watches.remove(entry)
-
-
-_query_logs = _QueryLogs()
-#: How long a query waits for its association's threads to end after the last response.
-_JOIN_SECONDS = 2.0
-_installed_on: set[str] = set()
-
-
-def _install_filter() -> None:
-    """Put the filter on every pynetdicom logger (a logger's filters see only its own records)."""
-    names = [name for name in list(logging.root.manager.loggerDict)
-             if name == "pynetdicom" or name.startswith("pynetdicom.")]
-    for name in names:
-        if name not in _installed_on:
-            logging.getLogger(name).addFilter(_query_logs)
-            _installed_on.add(name)
-
-
-def _detail(messages: list[str], prefix: str) -> str | None:
-    for message in messages:
-        if message.startswith(prefix):
-            return message.removeprefix(prefix).strip()
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# the query
+# the query (pynetdicom's log records of its association: dicom_node.send.explain)
 
 
 def query_worklist(section: WorklistSection, node_ae_title: str,
@@ -235,8 +157,7 @@ def query_worklist(section: WorklistSection, node_ae_title: str,
     except ConfigError as exc:  # a file changed or went away after the config was loaded
         reason = f"worklist.tls: {exc}"
         raise WorklistError(f"{where}: {reason}", reason) from None
-    _install_filter()
-    with _query_logs.watch(ae) as watch:
+    with peer_logs.watch(ae) as watch:
         try:
             assoc = ae.associate(section.host, section.port, ae_title=section.ae_title,
                                  tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
@@ -245,9 +166,10 @@ def query_worklist(section: WorklistSection, node_ae_title: str,
             raise WorklistError(f"{where}: {reason}", reason) from None
         try:
             if not assoc.is_established:
-                _join(assoc)
-                reason = _association_failure(assoc, connected.is_set(), watch.messages,
-                                              timeout)
+                join(assoc)
+                reason = association_failure(
+                    assoc, connected.is_set(), watch.messages, timeout,
+                    "the Modality Worklist Information Model - FIND")
                 raise WorklistError(f"{where}: {reason}", reason)
             try:
                 items, undecodable = _collect(assoc, identifier, watch.messages, timeout)
@@ -257,7 +179,7 @@ def query_worklist(section: WorklistSection, node_ae_title: str,
                 if assoc.is_established:
                     assoc.release()
         finally:
-            _join(assoc)
+            join(assoc)
             ae.close_sockets()
     if undecodable:
         log.warning("worklist_item_undecodable", count=undecodable, ae_title=section.ae_title,
@@ -267,46 +189,6 @@ def query_worklist(section: WorklistSection, node_ae_title: str,
         log.debug("worklist_items_outside_filter", count=len(items) - len(kept),
                   ae_title=section.ae_title)
     return kept
-
-
-def _join(assoc: Association) -> None:
-    """Wait (briefly) for the association's threads, so that their last log lines are still
-    caught by the watch."""
-    for thread in (assoc, assoc.dul):
-        if thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout=_JOIN_SECONDS)
-
-
-def _rejection(assoc: Association) -> A_ASSOCIATE | None:
-    """The peer's A-ASSOCIATE-RJ, if it sent one.
-
-    A peer that closes the connection right after its A-ASSOCIATE-RJ (wlmscpfs does) can win a
-    race in pynetdicom 3.0: the transport is seen closed before the rejection is read, the
-    association counts as aborted, and the rejection stays unread in the DUL's queue."""
-    candidates = (assoc.acceptor.primitive, assoc.dul.peek_next_pdu())
-    for primitive in candidates:
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
-            return primitive
-    return None
-
-
-def _association_failure(assoc: Association, connected: bool, messages: list[str],
-                         timeout: float) -> str:
-    if not connected:
-        detail = _detail(messages, "TCP Initialisation Error:") or "no connection"
-        return f"cannot connect: {detail}"
-    rejection = _rejection(assoc)
-    if rejection is not None:
-        return (f"association rejected ({rejection.result_str} by {rejection.source_str}: "
-                f"{rejection.reason_str})")
-    if assoc.is_rejected:
-        return "association rejected"
-    if any(m.startswith("ACSE timeout") for m in messages):
-        return f"no answer to the association request within {timeout:g} s"
-    if any(m.startswith("No accepted presentation contexts") for m in messages):
-        return "the Modality Worklist Information Model - FIND was not accepted"
-    last = f" ({messages[-1]})" if messages else ""
-    return f"association aborted while it was negotiated{last}"
 
 
 def _collect(assoc: Association, identifier: Dataset, messages: list[str],
