@@ -11,6 +11,7 @@ every offending key and why, e.g. ``routes[0].send_to: unknown destination 'pacs
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -276,6 +277,26 @@ class RetentionSection(_Section):
     interval_minutes: Annotated[float, Field(gt=0, le=10_080)] = 60.0
 
 
+def _check_bind_address(value: str) -> str:
+    """An IP address (v4 or v6) or a host name, without a port."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name (give the "
+                             f"port in its own key)") from None
+    return value
+
+
+class HttpSection(_Section):
+    """The receiver's HTTP endpoint: Prometheus metrics, liveness and readiness
+    (docs/monitoring.md). Absent: no HTTP port is opened."""
+
+    #: Address the endpoint listens on; "0.0.0.0" for a scraper or probe on another host.
+    bind: Annotated[str, AfterValidator(_check_bind_address)] = "127.0.0.1"
+    port: Port = 8080
+
+
 class Destination(_Section):
     name: str = Field(min_length=1, max_length=64)
     ae_title: AETitle
@@ -384,6 +405,8 @@ class Config(_Section):
     mpps: MppsSection | None = None
     #: Deleting processed studies' files; None (no section): nothing is ever deleted.
     retention: RetentionSection | None = None
+    #: Metrics and health endpoint of the receiver; None (no section): no HTTP port.
+    http: HttpSection | None = None
     #: Where the file was read from (set by load_config; not a key of the file).
     source: Path | None = Field(default=None, exclude=True)
 

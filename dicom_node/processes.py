@@ -48,7 +48,9 @@ def _stop_event() -> threading.Event:
 
 
 def run_receiver(config: Config) -> None:
-    """The receiver process: blocks until SIGTERM/SIGINT."""
+    """The receiver process: blocks until SIGTERM/SIGINT. With an ``[http]`` section it also
+    serves ``/metrics``, ``/healthz`` and ``/readyz`` (dicom_node.monitor)."""
+    from dicom_node.monitor.server import MonitorServer, warn_if_restart_needed
     from dicom_node.receive.scp import Receiver
     from dicom_node.scheduler import ReceiverScheduler
 
@@ -61,17 +63,24 @@ def run_receiver(config: Config) -> None:
         receiver.reconfigure(new)
         if scheduler is not None:
             scheduler.reconfigure(new)
+        warn_if_restart_needed(config.http, new.http)
 
     watcher = ConfigWatcher(config, apply) if config.source else None
     scheduler = ReceiverScheduler(config, sessions, watcher.check if watcher else None)
+    monitor = (MonitorServer(config.http, receiver, scheduler.worklist)
+               if config.http is not None else None)
     stop = _stop_event()
     if watcher:
         watcher.install_sighup()
     receiver.start()
     scheduler.start()
+    if monitor is not None:
+        monitor.start()
     try:
         stop.wait()
     finally:
+        if monitor is not None:
+            monitor.stop()
         receiver.stop()
         scheduler.stop()
 

@@ -60,7 +60,7 @@ def _due(now: datetime) -> Any:
     )
 
 
-def _siblings_ended() -> Any:
+def siblings_ended() -> Any:
     """A job that waits for its siblings (same study generation and route) is ready only when
     none of them is pending or running."""
     sibling = aliased(Job)
@@ -89,7 +89,7 @@ def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
     now = now or utcnow()
     with sessions.begin() as session:
         candidates = session.scalars(
-            select(Job).where(_due(now)).where(_siblings_ended())
+            select(Job).where(_due(now)).where(siblings_ended())
             .order_by(Job.not_before, Job.id).limit(8)).all()
         for job in candidates:
             if job.state == JobState.RUNNING and job.attempts >= jobs.max_attempts:

@@ -224,6 +224,11 @@ class Receiver:
         """The TLS listener's port; 0 without one."""
         return self._server_port(self._tls_server) or 0
 
+    @property
+    def listeners(self) -> tuple[Any, ...]:
+        """The running listeners' servers (plain TCP, then TLS); empty once stopped."""
+        return tuple(s for s in (self._server, self._tls_server) if s is not None)
+
     def stop(self) -> None:
         servers = [s for s in (self._server, self._tls_server) if s is not None]
         self._server = self._tls_server = None
@@ -285,6 +290,7 @@ class Receiver:
 
     def _handle_store(self, event: Any) -> int:
         status = handle_store(event, self.context)
+        self.context.counters.stored(status)
         if status == 0:
             polling.mark_busy(event.assoc)
             with self._lock:
@@ -292,6 +298,7 @@ class Receiver:
         return status
 
     def _on_accepted(self, event: Any) -> None:
+        self.context.counters.associations_accepted.inc()
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         log.info("association_accepted", calling_ae=str(event.assoc.requestor.ae_title).strip(),
                  peer=event.assoc.requestor.address, **tls.peer_fields(sock))
@@ -304,6 +311,7 @@ class Receiver:
                  calling_ae=str(event.assoc.requestor.ae_title).strip(), instances_stored=stored)
 
     def _on_rejected(self, event: Any) -> None:
+        self.context.counters.associations_rejected.inc()
         log.warning("association_rejected", calling_ae=str(event.assoc.requestor.ae_title).strip(),
                     peer=event.assoc.requestor.address, reason=rejection_reason(event.assoc))
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Config
 from dicom_node.errors import InvalidUIDError
 from dicom_node.log import get_logger
+from dicom_node.monitor.counters import ReceiverCounters
 from dicom_node.receive.status import StoreStatus
 from dicom_node.store.index import record_instance
 from dicom_node.store.spool import commit_file, fsync_file, instance_path
@@ -77,6 +78,8 @@ class StoreContext:
     #: the GIL, so the two overlap: ~0.4 ms less per instance on the sender's critical path).
     io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=8, thread_name_prefix="fsync"))
+    #: What the SCP counted since it started (Prometheus counters of dicom_node.monitor).
+    counters: ReceiverCounters = field(default_factory=ReceiverCounters)
 
 
 def _refuse(synced: Future[None]) -> StoreStatus:
