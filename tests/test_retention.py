@@ -108,10 +108,9 @@ def _retention(rx: Receiver, free: int = PLENTY) -> Retention:
     return Retention(rx.context.sessions, grace_seconds=0.0, free_bytes=lambda _: free)
 
 
-def check_two_passes_at_once(rx: Receiver, tmp_path: Path, second: Retention,
-                             studies: int = 6) -> None:
-    """Two receivers sharing the database and the data folder purge the same old studies at
-    the same moment (``second`` has its own engine): each study's files go once, are counted
+def check_two_passes_at_once(rx: Receiver, tmp_path: Path, studies: int = 6) -> None:
+    """Two receivers sharing the database and the data folder (the second with its own engine)
+    purge the same old studies at the same moment: each study's files go once, are counted
     once, and neither pass fails."""
     uids = []
     for _ in range(studies):
@@ -120,6 +119,8 @@ def check_two_passes_at_once(rx: Receiver, tmp_path: Path, second: Retention,
         _set_state(rx, study, StudyState.DONE, 9)
         uids.append(study)
     first = _retention(rx)
+    engine = make_engine(rx.context.config.database.url)
+    second = Retention(make_sessionmaker(engine), grace_seconds=0.0, free_bytes=lambda _: PLENTY)
     start = threading.Barrier(2)
 
     def run(retention: Retention) -> list[str]:
@@ -127,9 +128,12 @@ def check_two_passes_at_once(rx: Receiver, tmp_path: Path, second: Retention,
         report = retention.run(rx.context.config)
         return [c.study_instance_uid for c in report.purged]
 
-    with capture_logs() as logs, ThreadPoolExecutor(max_workers=2) as pool:
-        runs = [pool.submit(run, r) for r in (first, second)]
-        purged = [uid for done in runs for uid in done.result()]
+    try:
+        with capture_logs() as logs, ThreadPoolExecutor(max_workers=2) as pool:
+            runs = [pool.submit(run, r) for r in (first, second)]
+            purged = [uid for done in runs for uid in done.result()]
+    finally:
+        engine.dispose()
 
     assert sorted(purged) == sorted(uids)  # every study once, by one pass or the other
     for study in uids:
@@ -401,13 +405,7 @@ def test_a_pass_waits_its_turn_behind_another_over_the_same_data_folder(node: Re
 
 def test_two_receivers_purging_at_once_delete_each_study_once(node: Receiver,
                                                              tmp_path: Path) -> None:
-    engine = make_engine(node.context.config.database.url)
-    try:
-        second = Retention(make_sessionmaker(engine), grace_seconds=0.0,
-                           free_bytes=lambda _: PLENTY)
-        check_two_passes_at_once(node, tmp_path, second)
-    finally:
-        engine.dispose()
+    check_two_passes_at_once(node, tmp_path)
 
 
 def test_files_left_in_incoming_by_transfers_that_never_ended_are_cleared(
