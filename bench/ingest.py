@@ -17,7 +17,11 @@ repository, never tmpfs), the wall time of the storescu run is measured, and the
 instances is checked (files / Orthanc's REST /statistics / ``dicom-node studies --json``). The
 median of the repetitions is reported, with the ratios node/storescp and node/Orthanc.
 
-Run from the repository root:  .venv/bin/python -m bench.ingest [--count 300] [--repeat 3] [--json]
+With ``--tls`` every association is DICOM TLS (TLS 1.2+, client certificates required, all
+certificates from one throwaway CA): storescu ``+tls``, storescp ``+tls``, Orthanc's
+``DicomTlsEnabled``, the node's ``[node.tls]`` listener; the bare pynetdicom targets have no TLS.
+
+Run from the repository root:  .venv/bin/python -m bench.ingest [--count 300] [--repeat 3] [--tls]
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ from tests.peers import (
     PEER_ENV,
     NodeProcess,
     OrthancServer,
+    OrthancTls,
     StoreSCP,
     free_port,
     is_listening,
     require_program,
     wait_until,
 )
+from tests.tls_certs import Issued, TestCA
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "out"
@@ -152,9 +158,36 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+@dataclass(frozen=True)
+class Tls:
+    """--tls: one CA; the receivers' certificate and storescu's."""
+
+    ca: Path
+    server: Issued
+    client: Issued
+
+    @classmethod
+    def make(cls, folder: Path) -> Tls:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        authority = TestCA(folder, "Bench CA")
+        return cls(authority.certificate, authority.issue("receiver"),
+                   authority.issue("storescu"))
+
+    @staticmethod
+    def dcmtk(issued: Issued, ca: Path) -> list[str]:
+        """DCMTK's options: TLS with this certificate, peers verified against ``ca``."""
+        return ["+tls", str(issued.private_key), str(issued.certificate), "+cf", str(ca)]
+
+
+#: Set by --tls.
+TLS: Tls | None = None
+
+
 def send(corpus: Corpus, port: int, called_ae: str, pid: int) -> tuple[float, float]:
     """storescu the whole corpus over one association; (wall seconds, receiver CPU seconds)."""
     argv = [require_program("storescu"), "-aet", "BENCH", "-aec", called_ae, "+sd", "+r",
+            *(Tls.dcmtk(TLS.client, TLS.ca) if TLS else []),
             "127.0.0.1", str(port), str(corpus.folder)]
     cpu_before = _cpu_seconds(pid)
     started = time.perf_counter()
@@ -169,7 +202,8 @@ def send(corpus: Corpus, port: int, called_ae: str, pid: int) -> tuple[float, fl
 
 
 def run_storescp(corpus: Corpus, workdir: Path) -> Trial:
-    with StoreSCP(workdir) as scp:
+    extra = [*Tls.dcmtk(TLS.server, TLS.ca), "--require-peer-cert"] if TLS else []
+    with StoreSCP(workdir, extra_args=extra) as scp:
         assert scp.process is not None
         seconds, cpu = send(corpus, scp.port, scp.ae_title, scp.process.pid)
         stored = len(scp.files())
@@ -177,7 +211,9 @@ def run_storescp(corpus: Corpus, workdir: Path) -> Trial:
 
 
 def run_orthanc(corpus: Corpus, workdir: Path) -> Trial:
-    server = OrthancServer(workdir).start()
+    tls = (OrthancTls(TLS.server.certificate, TLS.server.private_key, TLS.ca)
+           if TLS else None)
+    server = OrthancServer(workdir, tls=tls).start()
     try:
         assert server.process is not None
         seconds, cpu = send(corpus, server.dicom_port, server.ae_title, server.process.pid)
@@ -203,8 +239,15 @@ def _py_spy() -> str:
 
 def run_node(corpus: Corpus, workdir: Path) -> Trial:
     # A stable age far beyond the run: the completion sweep must not route mid-measurement.
-    node = NodeProcess(workdir, "receive", ae_title="DICOM_NODE",
-                       stable_after_seconds=3600).start()
+    sections: dict[str, dict[str, Any]] = {}
+    tls_port = free_port()
+    if TLS:  # plain TCP stays on too: the test helper waits for that port to listen
+        sections["node"] = {"tls": {
+            "port": tls_port, "certificate": str(TLS.server.certificate),
+            "private_key": str(TLS.server.private_key), "ca_certificates": str(TLS.ca),
+            "plain_tcp": True}}
+    node = NodeProcess(workdir, "receive", ae_title="DICOM_NODE", stable_after_seconds=3600,
+                       sections=sections).start()
     spy: subprocess.Popen[bytes] | None = None
     try:
         assert node.process is not None
@@ -216,7 +259,10 @@ def run_node(corpus: Corpus, workdir: Path) -> Trial:
                  "-o", str(PY_SPY_DIR / f"{workdir.name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # py-spy attaches
-        seconds, cpu = send(corpus, node.port, node.ae_title, node.process.pid)
+        if TLS:
+            wait_until(lambda: is_listening(tls_port), 30, "the node's TLS port to listen")
+        seconds, cpu = send(corpus, tls_port if TLS else node.port, node.ae_title,
+                            node.process.pid)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(timeout=60)
@@ -325,7 +371,8 @@ def machine() -> dict[str, Any]:
 def print_table(corpus: Corpus, results: dict[str, Result], ratios: dict[str, float]) -> None:
     info = machine()
     print(f"corpus: {corpus.count} × {corpus.source} ({corpus.total_bytes / 1e6:.1f} MB), "
-          f"storescu +sd +r, one association, TCP_NODELAY=1; "
+          f"storescu +sd +r, one association, TCP_NODELAY=1"
+          f"{', DICOM TLS' if TLS else ''}; "
           f"{info['cores']} cores ({info['cpu']})")
     header = (f"{'target':<20} {'inst/s':>8} {'MB/s':>7} {'median s':>9} "
               f"{'rx CPU ms/inst':>15}  {'stored':<8} runs (s)")
@@ -346,9 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=300, help="instances (default 300)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per target; the median is reported (default 3)")
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+    parser.add_argument("--targets", default=None,
                         help=f"comma-separated, from {','.join(TARGETS)} "
-                             f"(default {','.join(DEFAULT_TARGETS)})")
+                             f"(default {','.join(DEFAULT_TARGETS)}; with --tls without "
+                             "the pynetdicom ones)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="corpus cache and scratch folder (default bench/out; keep it on "
                              "a real disk, not tmpfs, or fsync costs nothing)")
@@ -357,13 +405,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--py-spy", type=Path, metavar="DIR",
                         help="profile the node's receiver with py-spy (pip install py-spy) during "
                              "each send; raw stacks to DIR, a summary printed (slows the node)")
+    parser.add_argument("--tls", action="store_true",
+                        help="DICOM TLS on every association (targets storescp, orthanc, node)")
     args = parser.parse_args(argv)
-    global PY_SPY_DIR
+    global PY_SPY_DIR, TLS
     PY_SPY_DIR = args.py_spy.resolve() if args.py_spy else None
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    default = ",".join(t for t in DEFAULT_TARGETS if not (args.tls and t.startswith("pynet")))
+    targets = [t.strip() for t in (args.targets or default).split(",") if t.strip()]
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or args.count < 1 or args.repeat < 1:
         parser.error(f"unknown target(s) {unknown}" if unknown else "count/repeat must be ≥ 1")
+    if args.tls and any(t.startswith("pynetdicom") for t in targets):
+        parser.error("--tls: the pynetdicom targets (bench/bare_scp.py) have no TLS")
+    TLS = Tls.make(args.out / "pki") if args.tls else None
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     load_before = os.getloadavg()[0]
@@ -397,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({
             "corpus": {"count": corpus.count, "bytes": corpus.total_bytes,
                        "source": corpus.source},
-            "repeat": args.repeat, "machine": machine(),
+            "repeat": args.repeat, "tls": TLS is not None, "machine": machine(),
             "load_average_1min": {"before": round(load_before, 2),
                                   "after": round(os.getloadavg()[0], 2)},
             "results": {t: asdict(r) for t, r in results.items()}, "ratios": ratios,
