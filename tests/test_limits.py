@@ -18,7 +18,7 @@ from dicom_node.config import Config
 from dicom_node.receive import limits
 from dicom_node.receive.scp import Receiver
 from dicom_node.store.db import make_engine
-from tests.peers import dcmtk
+from tests.peers import dcmtk, wait_until
 
 
 def _receiver(node_config: Config, **node: object) -> Receiver:
@@ -64,6 +64,11 @@ def test_pynetdicom_still_reads_pdus_through_association_socket_recv() -> None:
     assert "self.socket.recv(pdu_length)" in source
 
 
+def refused(rx: Receiver, reason: str) -> float:
+    """The receiver's dicom_node_peers_refused_total{reason} (monitor.counters)."""
+    return float(rx.context.counters.peers_refused.labels(reason)._value.get())
+
+
 def test_an_announced_4gb_pdu_is_refused_before_it_is_buffered(
         strict_receiver: Receiver) -> None:
     sock = _connect(strict_receiver.port)
@@ -72,6 +77,7 @@ def test_an_announced_4gb_pdu_is_refused_before_it_is_buffered(
         assert _closed_by_peer(sock, within=5)
     sock.close()
     assert any(e["event"] == "pdu_refused" for e in logs)
+    assert refused(strict_receiver, "pdu_too_long") == 1
     assert dcmtk("echoscu", "-aec", "DICOM_NODE", "127.0.0.1",
                  str(strict_receiver.port)).returncode == 0
 
@@ -93,6 +99,7 @@ def test_a_pdu_that_trickles_in_is_cut_off_at_one_deadline(strict_receiver: Rece
     sock.close()
     assert closed
     assert time.monotonic() - start < 4  # network_timeout_seconds = 1.5 for the whole PDU
+    wait_until(lambda: refused(strict_receiver, "pdu_read_timeout") == 1, 5, "counted")
 
 
 def test_connections_beyond_the_cap_are_closed_at_accept_time(
@@ -104,6 +111,7 @@ def test_connections_beyond_the_cap_are_closed_at_accept_time(
         assert _closed_by_peer(extra, within=2)
     extra.close()
     assert any(e["event"] == "connection_refused" for e in logs)
+    assert refused(strict_receiver, "connection_cap") == 1
     for sock in silent:
         sock.close()
     # A connection that never negotiated holds its slot until acse_timeout_seconds (2 s here).

@@ -32,6 +32,7 @@ from dicom_node.send.scu import echo, send_files
 from dicom_node.worklist.query import query_worklist
 from tests.conftest import running_receiver, sample_file
 from tests.peers import OrthancServer, OrthancTls, dcmtk, free_port, to_toml, wait_until
+from tests.test_limits import refused
 from tests.tls_certs import Issued, TestCA, write_encrypted_key
 from tests.worklist_peer import worklist_item_dump, write_worklist_file
 
@@ -149,6 +150,7 @@ def test_a_client_without_a_certificate_is_refused_when_one_is_required(
     assert failed["peer"] == "127.0.0.1"
     assert "did not return a certificate" in failed["reason"]
     assert not _events(logs, "association_accepted")
+    assert refused(tls_receiver, "tls_handshake") == 1
 
 
 def test_a_client_certificate_from_another_ca_is_refused(tls_receiver: Receiver,

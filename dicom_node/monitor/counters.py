@@ -15,6 +15,8 @@ from prometheus_client.metrics_core import Metric
 from dicom_node.receive.status import StoreStatus
 
 PREFIX = "dicom_node"
+#: The reasons of dicom_node_peers_refused_total (a bounded label set).
+PEER_REFUSALS = ("connection_cap", "pdu_too_long", "pdu_read_timeout", "tls_handshake")
 
 
 def status_label(status: int) -> str:
@@ -37,7 +39,14 @@ class ReceiverCounters:
             f"{PREFIX}_associations_accepted", "Associations accepted.", registry=None)
         self.associations_rejected = Counter(
             f"{PREFIX}_associations_rejected", "Associations rejected (calling AE title not "
-            "allowed, max_associations reached).", registry=None)
+            "allowed, called AE title wrong, max_associations reached).", registry=None)
+        self.peers_refused = Counter(
+            f"{PREFIX}_peers_refused", "Connections the receiver cut to bound what a peer can "
+            "hold, by reason: connection_cap (node.max_connections), pdu_too_long "
+            "(node.max_pdu_bytes), pdu_read_timeout (node.network_timeout_seconds), "
+            "tls_handshake (a failed DICOM TLS handshake).", ["reason"], registry=None)
+        for reason in PEER_REFUSALS:
+            self.peers_refused.labels(reason)
         for status in StoreStatus:
             if status != StoreStatus.SUCCESS:  # each known status shows 0 before it happens
                 self.store_failures.labels(status_label(status))
@@ -49,7 +58,12 @@ class ReceiverCounters:
         else:
             self.store_failures.labels(status_label(status)).inc()
 
+    def peer_refused(self, reason: str) -> None:
+        """Count one connection cut by a limit (:data:`PEER_REFUSALS`)."""
+        self.peers_refused.labels(reason).inc()
+
     def collect(self) -> Iterable[Metric]:
         for counter in (self.instances_received, self.store_failures,
-                        self.associations_accepted, self.associations_rejected):
+                        self.associations_accepted, self.associations_rejected,
+                        self.peers_refused):
             yield from counter.collect()

@@ -47,6 +47,8 @@ CHUNK = 1 << 20
 class ReadLimits:
     max_bytes: int = MIN_READ_LIMIT
     deadline_seconds: float = 60.0
+    #: Told the reason ("pdu_too_long", "pdu_read_timeout") of each refused read (counters).
+    on_refused: Callable[[str], None] | None = None
 
 
 _limits = ReadLimits()
@@ -65,6 +67,7 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
     if nr_bytes > _limits.max_bytes:
         log.warning("pdu_refused", reason=f"announced length {nr_bytes} exceeds the limit "
                     f"{_limits.max_bytes}", peer=_peer(sock))
+        _refused("pdu_too_long")
         raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {_limits.max_bytes}")
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)
@@ -74,20 +77,31 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
     try:
         while received < nr_bytes:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("pdu_read_timeout", peer=_peer(sock), received=received,
-                            expected=nr_bytes, deadline_seconds=_limits.deadline_seconds)
-                raise TimeoutError(f"PDU not received within {_limits.deadline_seconds} s")
-            sock.settimeout(remaining if previous_timeout is None
-                            else min(remaining, previous_timeout))
-            count = sock.recv_into(view[received:], min(nr_bytes - received, CHUNK))
-            if count == 0:  # the peer closed the connection
-                return buffer[:received]
-            received += count
+            if remaining > 0:
+                sock.settimeout(remaining if previous_timeout is None
+                                else min(remaining, previous_timeout))
+                try:
+                    count = sock.recv_into(view[received:], min(nr_bytes - received, CHUNK))
+                except TimeoutError:  # the deadline, or the socket's idle timeout, came first
+                    count = -1
+                if count == 0:  # the peer closed the connection
+                    return buffer[:received]
+                if count > 0:
+                    received += count
+                    continue
+            log.warning("pdu_read_timeout", peer=_peer(sock), received=received,
+                        expected=nr_bytes, deadline_seconds=_limits.deadline_seconds)
+            _refused("pdu_read_timeout")
+            raise TimeoutError(f"PDU not received within {_limits.deadline_seconds} s")
     finally:
         view.release()
         sock.settimeout(previous_timeout)
     return buffer
+
+
+def _refused(reason: str) -> None:
+    if _limits.on_refused is not None:
+        _limits.on_refused(reason)
 
 
 def _peer(sock: socket.socket) -> str:
@@ -97,10 +111,14 @@ def _peer(sock: socket.socket) -> str:
         return "?"
 
 
-def install_bounded_reads(max_pdu_bytes: int, deadline_seconds: float) -> None:
-    """Route every association socket read of this process through :func:`_bounded_recv`."""
+def install_bounded_reads(max_pdu_bytes: int, deadline_seconds: float,
+                          on_refused: Callable[[str], None] | None = None) -> None:
+    """Route every association socket read of this process through :func:`_bounded_recv`;
+    ``on_refused`` (kept until replaced) is told the reason of each refused read."""
     _limits.max_bytes = read_limit(max_pdu_bytes)
     _limits.deadline_seconds = deadline_seconds
+    if on_refused is not None:
+        _limits.on_refused = on_refused
     pynetdicom.transport.AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
 
 
@@ -114,9 +132,11 @@ class ConnectionCap:
     Open connections are counted from the server's live acceptor threads at each accept, so the
     count cannot drift, whatever way a connection ended."""
 
-    def __init__(self, limit: int, count_open: Callable[[], int]) -> None:
+    def __init__(self, limit: int, count_open: Callable[[], int],
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self.limit = limit
         self._count_open = count_open
+        self._on_refused = on_refused
 
     def verify(self, _request: Any, client_address: Any) -> bool:
         open_now = self._count_open()
@@ -124,6 +144,8 @@ class ConnectionCap:
             return True
         log.warning("connection_refused", peer=str(client_address[0]), open=open_now,
                     reason=f"{self.limit} connections already open (node.max_connections)")
+        if self._on_refused is not None:
+            self._on_refused("connection_cap")
         return False
 
 
@@ -133,10 +155,11 @@ def _open_connections(server: Any) -> int:
     return len(server.active_associations) + int(getattr(server, "handshakes_in_progress", 0))
 
 
-def cap_connections(servers: Sequence[Any], limit: int) -> ConnectionCap:
+def cap_connections(servers: Sequence[Any], limit: int,
+                    on_refused: Callable[[str], None] | None = None) -> ConnectionCap:
     """Install one cap, shared by the receiver's listeners (plain and TLS), on each of its
     pynetdicom AssociationServers (socketserver.TCPServers)."""
-    cap = ConnectionCap(limit, lambda: sum(_open_connections(s) for s in servers))
+    cap = ConnectionCap(limit, lambda: sum(_open_connections(s) for s in servers), on_refused)
     for server in servers:
         server.verify_request = cap.verify
     return cap

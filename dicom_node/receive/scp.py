@@ -172,7 +172,8 @@ class Receiver:
         # bound whatever the log level; the node logs its own structured events instead.
         _config.LOG_HANDLER_LEVEL = "none"
         polling.install()
-        limits.install_bounded_reads(node.max_pdu_bytes, node.network_timeout_seconds)
+        refused = self.context.counters.peer_refused
+        limits.install_bounded_reads(node.max_pdu_bytes, node.network_timeout_seconds, refused)
         # given back at stop(), so that the rest of a process running a receiver for a while
         # (the tests) writes its temporary files where it did before
         self._previous_tempdir = tempfile.tempdir
@@ -194,7 +195,7 @@ class Receiver:
         if node.tls is not None:
             self._tls_server = start_tls_server(
                 self.ae, (node.bind, node.tls.port), tls.server_context(node.tls), handlers,
-                node.acse_timeout_seconds)
+                node.acse_timeout_seconds, refused)
             tls_fields = {"tls_port": self.tls_port, "tls_min_version": node.tls.min_version,
                           "client_certificate_required": node.tls.require_client_certificate,
                           **_certificate_fields(node.tls)}
@@ -202,7 +203,7 @@ class Receiver:
             self._server = self.ae.start_server(
                 (node.bind, node.port), block=False, evt_handlers=handlers)
         servers = [s for s in (self._server, self._tls_server) if s is not None]
-        self._cap = limits.cap_connections(servers, _connection_limit(config))
+        self._cap = limits.cap_connections(servers, _connection_limit(config), refused)
         log.info("receiver_started", ae_title=node.ae_title, bind=node.bind,
                  port=self._server_port(self._server), max_associations=node.max_associations,
                  allowed_calling_aets=list(node.allowed_calling_aets) or "any",

@@ -27,6 +27,7 @@ import contextlib
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom.ae import ApplicationEntity
@@ -42,8 +43,11 @@ log = get_logger()
 class TlsAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved to the connection's thread."""
 
-    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handshake_timeout: float,
+                 on_refused: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         self.handshake_timeout = handshake_timeout
+        #: Told "tls_handshake" for each failed handshake but a bare connect-and-close.
+        self.on_refused = on_refused
         self._handshaking: set[ssl.SSLSocket] = set()
         self._handshaking_lock = threading.Lock()
         super().__init__(*args, **kwargs)
@@ -90,9 +94,12 @@ class TlsAssociationServer(ThreadedAssociationServer):
             tls.handshake(sock, timeout)
         except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
             # A peer that connects and closes (a TCP health check) is no one's problem: debug.
-            emit = log.debug if tls.closed_by_peer(exc) else log.warning
+            probe = tls.closed_by_peer(exc)
+            emit = log.debug if probe else log.warning
             emit("tls_handshake_failed", peer=str(client_address[0]),
                  port=self.server_address[1], reason=tls.handshake_failure(exc, timeout))
+            if not probe and self.on_refused is not None:
+                self.on_refused("tls_handshake")
             self.shutdown_request(sock)
             return False
         return True
@@ -115,12 +122,14 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
 def start_tls_server(ae: ApplicationEntity, address: tuple[str, int],
                      context: ssl.SSLContext, handlers: list[Any],
-                     handshake_timeout: float) -> TlsAssociationServer:
+                     handshake_timeout: float,
+                     on_refused: Callable[[str], None] | None = None) -> TlsAssociationServer:
     """Start a :class:`TlsAssociationServer` for ``ae`` in its own thread, as
     ``AE.start_server(block=False)`` does for pynetdicom's own server class."""
     server = cast(TlsAssociationServer, ae.make_server(
         address, ssl_context=context, evt_handlers=handlers,
-        server_class=TlsAssociationServer, handshake_timeout=handshake_timeout))
+        server_class=TlsAssociationServer, handshake_timeout=handshake_timeout,
+        on_refused=on_refused))
     thread = threading.Thread(target=make_target(server.serve_forever),
                               name=f"AcceptorServer@tls-{server.server_address[1]}",
                               daemon=True)
