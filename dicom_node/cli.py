@@ -14,6 +14,7 @@ purge         delete the files of processed studies now ([retention]; --dry-run 
 db            the database schema: status (current vs this build's revision), upgrade
 worklist      query the RIS's Modality Worklist now and list the stored scheduled steps
 mpps          list the performed procedure steps modalities reported (MPPS)
+commitments   list Storage Commitment requests to destinations: pending, failed, timed out
 models        list, show or validate model cards (``models validate`` exits 2 on a mistake)
 doctor        check versions, devices, database, data folder, disk space and models
 evaluate      reproduce a model card's metrics on labelled data (``evaluate MODEL DATA``)
@@ -178,6 +179,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_commitments(args: argparse.Namespace) -> int:
+    from dicom_node.commitment.store import list_commitments
+
+    config = _load(args)
+    states = ([args.state] if args.state else [] if args.all
+              else ["requested", "failed", "timed_out"])
+    with _sessions(config)() as session:
+        rows = list_commitments(session, states, args.limit)
+    _print_rows(rows, ["id", "job_id", "study_instance_uid", "destination", "delivery", "state",
+                       "instances", "requested_at", "deadline", "reported_at", "note"],
+                args.json)
+    return 0
+
+
 def cmd_mpps(args: argparse.Namespace) -> int:
     from dicom_node.mpps.store import list_performed_steps
 
@@ -322,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+    p = with_config(sub.add_parser(
+        "commitments", help="list Storage Commitment requests: pending, failed, timed out"))
+    p.add_argument("--state", choices=["requested", "committed", "failed", "timed_out"])
+    p.add_argument("--all", action="store_true", help="include committed ones")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_commitments)
     p = with_config(sub.add_parser(
         "mpps", help="list the performed procedure steps modalities reported (MPPS)"))
     p.add_argument("--limit", type=int, default=50)

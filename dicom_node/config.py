@@ -309,6 +309,12 @@ class Destination(_Section):
     max_associations: Annotated[int, Field(ge=1, le=64)] = 2
     #: DICOM TLS to this destination (absent: plain TCP).
     tls: ClientTlsSection | None = None
+    #: Ask the destination to commit to the results sent (Storage Commitment Push Model, PS3.4
+    #: Annex J): an N-ACTION after the C-STOREs, its report awaited at the receiver
+    #: (docs/commitment.md).
+    storage_commitment: bool = False
+    #: A commitment not reported within this long counts as failed (results_commitment_timeout).
+    commitment_timeout_minutes: Annotated[float, Field(gt=0, le=10_080)] = 60.0
 
 
 class ModelRef(_Section):

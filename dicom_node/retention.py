@@ -12,7 +12,9 @@ receiver's scheduler, or ``dicom-node purge``):
    more processed studies (done, unrouted, failed) go, the least recently active first,
    whatever their age; a ``disk_space_low`` error says so when nothing more may go.
 
-Never deleted: a study still receiving, held as incomplete, or routed (jobs pending or running).
+Never deleted: a study still receiving, held as incomplete, or routed (jobs pending or running),
+and a study whose results a destination with ``storage_commitment`` has not yet reported
+committed (a transaction still ``requested``).
 
 **No acknowledged instance is lost on the way.** The receiver writes a file before it commits
 its index row, so a file being stored while its study is purged could otherwise be deleted
@@ -44,12 +46,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config, RetentionSection
 from dicom_node.log import get_logger
-from dicom_node.store.db import Instance, Job, PurgedStudy, Study, StudyState, utcnow
+from dicom_node.store.db import (
+    Commitment,
+    CommitmentState,
+    Instance,
+    Job,
+    PurgedStudy,
+    Study,
+    StudyState,
+    utcnow,
+)
 from dicom_node.store.spool import fsync_dir
 from dicom_node.uids import validate_uid
 
@@ -100,6 +111,13 @@ class PassReport:
     scratch_files: int = 0
 
 
+def _commitment_pending() -> Any:
+    """The study has results whose Storage Commitment a destination has not reported yet: its
+    files stay, so that a failure can be sent again (dicom_node.commitment)."""
+    return exists().where(Commitment.study_instance_uid == Study.study_instance_uid,
+                          Commitment.state == CommitmentState.REQUESTED)
+
+
 def _last_activity(session: Session, study_uid: str | None = None
                    ) -> dict[str, tuple[StudyState, datetime, int, int]]:
     """Per processed study with files in the spool (or only ``study_uid``): state, last
@@ -108,7 +126,7 @@ def _last_activity(session: Session, study_uid: str | None = None
     files = (select(Instance.study_instance_uid, func.count().label("n"),
                     func.coalesce(func.sum(Instance.size), 0).label("size"))
              .where(Instance.path != ""))
-    studies = select(Study).where(Study.state.in_(list(_KEEP)))
+    studies = select(Study).where(Study.state.in_(list(_KEEP))).where(~_commitment_pending())
     if study_uid is not None:
         jobs = jobs.where(Job.study_instance_uid == study_uid)
         files = files.where(Instance.study_instance_uid == study_uid)

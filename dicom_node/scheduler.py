@@ -1,6 +1,6 @@
-"""APScheduler jobs of the receiver process: the completion sweep, the config watch, with an
-enabled ``[worklist]`` section the Modality Worklist poll, and with ``[retention]`` the clean-up
-of processed studies' files."""
+"""APScheduler jobs of the receiver process: the completion sweep, the config watch, the
+Storage Commitment timeouts, with an enabled ``[worklist]`` section the Modality Worklist poll,
+and with ``[retention]`` the clean-up of processed studies' files."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import complete
+from dicom_node.commitment.report import log_outcome
+from dicom_node.commitment.store import expire
 from dicom_node.config import Config, RetentionSection, WorklistSection
 from dicom_node.log import get_logger
 from dicom_node.retention import Retention
@@ -21,6 +23,9 @@ log = get_logger()
 CONFIG_POLL_SECONDS = 2.0
 WORKLIST_JOB = "worklist_poll"
 RETENTION_JOB = "retention"
+COMMITMENT_JOB = "commitment_timeouts"
+#: How often the receiver looks for Storage Commitment transactions past their deadline.
+COMMITMENT_CHECK_SECONDS = 60.0
 #: The first retention pass runs this long after the start (not in the start's rush).
 RETENTION_FIRST_DELAY_SECONDS = 60.0
 
@@ -39,8 +44,9 @@ def _retention(config: Config) -> RetentionSection | None:
 class ReceiverScheduler:
     """Runs ``complete.sweep`` every ``completion.sweep_interval_seconds`` with the current
     config, polls the config file for changes, and polls the Modality Worklist every
-    ``worklist.poll_seconds`` (the first poll at start), and runs a retention pass every
-    ``retention.interval_minutes``."""
+    ``worklist.poll_seconds`` (the first poll at start), runs a retention pass every
+    ``retention.interval_minutes``, and times out Storage Commitment transactions every
+    :data:`COMMITMENT_CHECK_SECONDS`."""
 
     def __init__(self, config: Config, sessions: sessionmaker[Session],
                  check_config: Callable[[], object] | None = None) -> None:
@@ -57,6 +63,9 @@ class ReceiverScheduler:
         section = _worklist(config)
         if section is not None:
             self._add_worklist_job(section)
+        self._scheduler.add_job(self._expire_commitments, "interval", id=COMMITMENT_JOB,
+                                seconds=COMMITMENT_CHECK_SECONDS, max_instances=1,
+                                coalesce=True)
         self.retention = Retention(sessions)
         kept = _retention(config)
         if kept is not None:
@@ -67,6 +76,13 @@ class ReceiverScheduler:
             complete.sweep(self.config, self.sessions)
         except Exception:  # the next sweep retries; never kill the scheduler thread
             log.exception("completion_sweep_failed")
+
+    def _expire_commitments(self) -> None:
+        try:
+            for outcome in expire(self.sessions, self.config.jobs):
+                log_outcome(outcome)
+        except Exception:  # the next check tries again; never kill the scheduler thread
+            log.exception("commitment_check_failed")
 
     def _poll_worklist(self) -> None:
         try:

@@ -30,7 +30,11 @@ from dicom_node.receive.scp import Receiver
 from dicom_node.retention import Retention, candidates
 from dicom_node.scheduler import RETENTION_JOB, ReceiverScheduler
 from dicom_node.store.db import (
+    Commitment,
+    CommitmentState,
     Instance,
+    Job,
+    JobState,
     PurgedStudy,
     Study,
     StudyState,
@@ -188,6 +192,43 @@ def test_old_processed_studies_go_and_everything_in_work_stays(node: Receiver,
     purged = [e for e in logs if e["event"] == "retention_purged"]
     assert len(purged) == 3 and {e["reason"] for e in purged} == {"age"}
     assert all("patient" not in key for e in logs for key in e)
+
+
+def _commitment(rx: Receiver, study: str, state: CommitmentState) -> None:
+    """The study's job sent its results to a destination with storage_commitment, and the
+    transaction is in ``state``."""
+    now = utcnow() - timedelta(days=9)
+    with rx.context.sessions.begin() as session:
+        job = Job(study_instance_uid=study, generation=0, route_name="r", model_name="m",
+                  destinations="pacs", delivered="pacs", state=JobState.DONE, attempts=1,
+                  not_before=now, created_at=now, updated_at=now)
+        session.add(job)
+        session.flush()
+        session.add(Commitment(
+            transaction_uid=f"2.25.{job.id}{len(study)}", job_id=job.id,
+            study_instance_uid=study, destination="pacs", delivery=1, state=state, instances=1,
+            requested="[]", requested_at=now, deadline=now + timedelta(hours=1)))
+
+
+def test_a_study_whose_commitment_is_pending_stays_even_under_disk_pressure(
+        node: Receiver, tmp_path: Path) -> None:
+    studies = {}
+    for state in (CommitmentState.REQUESTED, CommitmentState.COMMITTED):
+        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
+        _storescu(node, paths)
+        _set_state(node, study, StudyState.DONE, 9)
+        _commitment(node, study, state)
+        studies[state] = study
+
+    report = _retention(node, free=0).run(node.context.config)
+
+    assert [c.study_instance_uid for c in report.purged] == [studies[CommitmentState.COMMITTED]]
+    assert len(_spooled(node, studies[CommitmentState.REQUESTED])) == 3
+    # once the destination has reported, the study may go
+    with node.context.sessions.begin() as session:
+        session.execute(update(Commitment).values(state=CommitmentState.TIMED_OUT))
+    again = _retention(node).run(node.context.config)
+    assert [c.study_instance_uid for c in again.purged] == [studies[CommitmentState.REQUESTED]]
 
 
 def test_a_purged_study_sent_again_is_stored_but_not_processed_again(node: Receiver,

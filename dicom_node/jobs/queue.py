@@ -20,12 +20,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node.config import JobsSection
 from dicom_node.messages import FindingRecord, findings_from_json, findings_to_json
-from dicom_node.store.db import Job, JobState, Study, StudyState, utcnow
+from dicom_node.store.db import (
+    Commitment,
+    CommitmentState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
 from dicom_node.worklist.match import order_labels
 
 
@@ -112,7 +120,8 @@ def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
     return None
 
 
-def _owned(session: Session, job_id: int, owner: str) -> Job | None:
+def owned(session: Session, job_id: int, owner: str) -> Job | None:
+    """The job, if it is running under ``owner``'s lease (inside the caller's transaction)."""
     job = session.get(Job, job_id)
     if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
         return None
@@ -123,7 +132,7 @@ def renew(sessions: sessionmaker[Session], claimed: ClaimedJob, jobs: JobsSectio
     """Extend the lease; False when the job is no longer ours (the lease expired and was taken)."""
     now = utcnow()
     with sessions.begin() as session:
-        job = _owned(session, claimed.id, claimed.owner)
+        job = owned(session, claimed.id, claimed.owner)
         if job is None:
             return False
         job.lease_expires_at = now + timedelta(seconds=jobs.lease_seconds)
@@ -134,28 +143,64 @@ def renew(sessions: sessionmaker[Session], claimed: ClaimedJob, jobs: JobsSectio
 def record_delivery(sessions: sessionmaker[Session], claimed: ClaimedJob, destination: str,
                     model_version: str) -> None:
     with sessions.begin() as session:
-        job = _owned(session, claimed.id, claimed.owner)
+        job = owned(session, claimed.id, claimed.owner)
         if job is not None:
-            job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
-            job.model_version = model_version
-            job.updated_at = utcnow()
+            mark_delivered(job, destination, model_version, utcnow())
+
+
+def mark_delivered(job: Job, destination: str, model_version: str, now: datetime) -> None:
+    """Add ``destination`` to the job's deliveries (inside the caller's transaction)."""
+    job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
+    job.model_version = model_version
+    job.updated_at = now
+
+
+def unmark_delivered(job: Job, destination: str, now: datetime) -> None:
+    """Take ``destination`` off the job's deliveries (inside the caller's transaction)."""
+    job.delivered = ",".join(d for d in _split(job.delivered) if d != destination)
+    job.updated_at = now
+
+
+def _taken_back(session: Session, job: Job) -> bool:
+    """Whether a storage commitment outcome took a destination off the job's deliveries: the
+    newest transaction of a destination not delivered has failed or timed out."""
+    missing = set(_split(job.destinations)) - set(_split(job.delivered))
+    if not missing:
+        return False
+    newest = (select(Commitment.destination, func.max(Commitment.delivery).label("delivery"))
+              .where(Commitment.job_id == job.id, Commitment.destination.in_(missing))
+              .group_by(Commitment.destination).subquery())
+    states = session.scalars(select(Commitment.state).join(newest, and_(
+        Commitment.destination == newest.c.destination,
+        Commitment.delivery == newest.c.delivery)).where(Commitment.job_id == job.id))
+    return any(state in (CommitmentState.FAILED, CommitmentState.TIMED_OUT) for state in states)
 
 
 def succeed(sessions: sessionmaker[Session], claimed: ClaimedJob, model_version: str,
-            findings: tuple[FindingRecord, ...] = ()) -> bool:
+            findings: tuple[FindingRecord, ...] = (), jobs: JobsSection | None = None
+            ) -> JobState | None:
+    """Finish the job: ``done``, with its findings; None if the job was not ours.
+
+    A destination that a storage commitment outcome took off the job's deliveries while it ran
+    (:func:`undeliver`) makes this a failed attempt instead, with the error the commitment left
+    (pending after a backoff, or failed once the budget is spent)."""
     now = utcnow()
     with sessions.begin() as session:
-        job = _owned(session, claimed.id, claimed.owner)
+        job = owned(session, claimed.id, claimed.owner)
         if job is None:
-            return False
-        job.state = JobState.DONE
+            return None
         job.findings = findings_to_json(findings)
+        job.model_version = model_version
+        if _taken_back(session, job):
+            _attempt_failed(session, job, job.last_error or "storage commitment failed",
+                            jobs or JobsSection(), now)
+            return job.state
+        job.state = JobState.DONE
         job.lease_owner = job.lease_expires_at = None
         job.last_error = None
-        job.model_version = model_version
         job.updated_at = now
         _settle_study(session, job)
-        return True
+        return job.state
 
 
 def fail(sessions: sessionmaker[Session], claimed: ClaimedJob, error: str, jobs: JobsSection,
@@ -164,18 +209,23 @@ def fail(sessions: sessionmaker[Session], claimed: ClaimedJob, error: str, jobs:
     spent (or the error is permanent). Returns the new state, None if the job was not ours."""
     now = utcnow()
     with sessions.begin() as session:
-        job = _owned(session, claimed.id, claimed.owner)
+        job = owned(session, claimed.id, claimed.owner)
         if job is None:
             return None
-        if permanent or job.attempts >= jobs.max_attempts:
-            _finish_failed(session, job, error, now)
-        else:
-            job.state = JobState.PENDING
-            job.not_before = now + backoff(job.attempts, jobs)
-            job.lease_owner = job.lease_expires_at = None
-            job.last_error = error
-            job.updated_at = now
+        _attempt_failed(session, job, error, jobs, now, permanent=permanent)
         return job.state
+
+
+def _attempt_failed(session: Session, job: Job, error: str, jobs: JobsSection, now: datetime,
+                    *, permanent: bool = False) -> None:
+    if permanent or job.attempts >= jobs.max_attempts:
+        _finish_failed(session, job, error, now)
+    else:
+        job.state = JobState.PENDING
+        job.not_before = now + backoff(job.attempts, jobs)
+        job.lease_owner = job.lease_expires_at = None
+        job.last_error = error
+        job.updated_at = now
 
 
 def _finish_failed(session: Session, job: Job, error: str, now: datetime) -> None:
@@ -198,6 +248,62 @@ def _settle_study(session: Session, job: Job) -> None:
         study.state = StudyState.DONE
     elif states <= {JobState.DONE, JobState.FAILED}:
         study.state = StudyState.FAILED
+
+
+def _resettle_study(session: Session, job: Job) -> None:
+    """An ended job changed state again (a commitment outcome): the study of its generation is
+    in work again (``routed``), or settles anew from its jobs' states."""
+    study = session.get(Study, job.study_instance_uid)
+    if study is None or study.generation != job.generation:
+        return
+    if study.state in (StudyState.DONE, StudyState.FAILED):
+        study.state = StudyState.ROUTED
+    _settle_study(session, job)
+
+
+def undeliver(session: Session, job_id: int, destination: str, error: str, jobs: JobsSection,
+              now: datetime, *, retry: bool) -> JobState | None:
+    """A destination did not commit to the job's results (:mod:`dicom_node.commitment`): take
+    it off the job's deliveries, so that they are sent there again, and record why (inside the
+    caller's transaction). Returns the job's new state, None for an unknown job.
+
+    A ``done`` job: with ``retry`` (the report listed failures) a failed attempt, back to
+    ``pending`` after a backoff, or ``failed`` once ``max_attempts`` are spent; without it (no
+    report in time) ``failed`` at once, for an administrator's ``jobs retry``. A ``pending``
+    job sends to the destination again on its next attempt; a ``running`` job's worker finds
+    the destination missing when it finishes (:func:`succeed`); a ``failed`` job stays failed,
+    with this error."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    unmark_delivered(job, destination, now)
+    job.last_error = error
+    if job.state == JobState.DONE:
+        if retry and job.attempts < jobs.max_attempts:
+            job.state = JobState.PENDING
+            job.not_before = now + backoff(job.attempts, jobs)
+        else:
+            job.state = JobState.FAILED
+        _resettle_study(session, job)
+    return job.state
+
+
+def redeliver(session: Session, job_id: int, destination: str, now: datetime
+              ) -> JobState | None:
+    """A late report committed results that a timeout had taken off the job's deliveries: the
+    destination counts as delivered again, and a ``failed`` job that has now delivered to every
+    destination (and stored its findings) is ``done`` (inside the caller's transaction)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
+    job.updated_at = now
+    if (job.state == JobState.FAILED and job.findings is not None
+            and set(_split(job.destinations)) <= set(_split(job.delivered))):
+        job.state = JobState.DONE
+        job.last_error = None
+        _resettle_study(session, job)
+    return job.state
 
 
 def retry(sessions: sessionmaker[Session], job_ids: Sequence[int] | None = None) -> list[int]:
@@ -235,6 +341,11 @@ def create_jobs(session: Session, study: Study, route_name: str, models: Sequenc
         session.add(job)
         created.append(job)
     return created
+
+
+def last_error(session: Session, job_id: int) -> str:
+    job = session.get(Job, job_id)
+    return (job.last_error or "") if job is not None else ""
 
 
 def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:

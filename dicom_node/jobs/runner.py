@@ -17,7 +17,8 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import Config
+from dicom_node.commitment.request import request_commitment
+from dicom_node.config import Config, Destination
 from dicom_node.encode.order import apply_order
 from dicom_node.errors import DicomNodeError, ModelError, PreprocessingError, SendError
 from dicom_node.jobs import queue
@@ -33,6 +34,7 @@ from dicom_node.messages import (
 from dicom_node.retention import purged_at
 from dicom_node.send.scu import send_files
 from dicom_node.send.slots import send_slot
+from dicom_node.store.db import JobState
 from dicom_node.store.index import study_instances
 from dicom_node.store.spool import write_file
 from dicom_node.uids import validate_uid
@@ -146,6 +148,31 @@ class LeaseKeeper:
         self._thread.join()
 
 
+def _deliver(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
+             dest: Destination, files: list[Path], version: str, bound: Any) -> bool:
+    """Send the results to one destination (holding one of its association slots) and record
+    the delivery; for a destination with ``storage_commitment``, record the transaction and
+    request it instead (dicom_node.commitment). SendError when anything fails; False when the
+    job is no longer ours."""
+    with send_slot(sessions, dest.name, dest.max_associations, f"{job.owner}/job {job.id}"):
+        report = send_files(dest, files, config.node.ae_title)
+        if report.failed:
+            reasons = "; ".join(f"{uid}: {why}" for uid, why in report.failed[:3])
+            raise SendError(f"{dest.name}: {len(report.failed)} of {len(files)} instance(s) "
+                            f"failed: {reasons}")
+        bound.info("results_sent", destination=dest.name, instances=report.sent,
+                   warnings=report.warnings)
+        if not dest.storage_commitment:
+            queue.record_delivery(sessions, job, dest.name, version)
+            return True
+        requested = request_commitment(config, sessions, job, dest, files, version)
+    if requested is None:
+        return False
+    bound.info("commitment_requested", destination=dest.name, transaction_uid=requested[0],
+               instances=requested[1], timeout_minutes=dest.commitment_timeout_minutes)
+    return True
+
+
 def run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
     """Run a claimed job to its end state; never raises for a job's own failure."""
     with LeaseKeeper(config, sessions, job):
@@ -169,16 +196,9 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
                 dest = config.destination(name)
             except KeyError:
                 raise SendError(f"destination {name!r} is no longer in the config") from None
-            with send_slot(sessions, dest.name, dest.max_associations,
-                           f"{job.owner}/job {job.id}"):
-                report = send_files(dest, files, config.node.ae_title)
-            if report.failed:
-                reasons = "; ".join(f"{uid}: {why}" for uid, why in report.failed[:3])
-                raise SendError(f"{name}: {len(report.failed)} of {len(files)} instance(s) "
-                                f"failed: {reasons}")
-            queue.record_delivery(sessions, job, name, version)
-            bound.info("results_sent", destination=name, instances=report.sent,
-                       warnings=report.warnings)
+            if not _deliver(config, sessions, job, dest, files, version, bound):
+                bound.warning("job_lease_lost", reason="another worker took the job over")
+                return
     except PreprocessingError as exc:
         state = queue.fail(sessions, job, str(exc), config.jobs, permanent=True)
         bound.error("job_failed", reason=str(exc), state=str(state), retry="by administrator")
@@ -193,5 +213,12 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
         state = queue.fail(sessions, job, f"unexpected {type(exc).__name__}: {exc}", config.jobs)
         bound.exception("job_error", state=str(state))
         return
-    if queue.succeed(sessions, job, version, findings):
+    state = queue.succeed(sessions, job, version, findings, config.jobs)
+    if state == JobState.DONE:
         bound.info("job_done", model_version=version)
+    elif state is not None:  # a destination's commitment failed while the job ran
+        with sessions() as session:
+            error = queue.last_error(session, job.id)
+        event = "job_failed" if state == JobState.FAILED else "job_retry"
+        bound.error(event, reason=error, state=str(state), attempts=job.attempts,
+                    max_attempts=config.jobs.max_attempts)

@@ -72,6 +72,17 @@ def snapshot_metrics(snapshot: Snapshot, config: Config, now: datetime) -> Itera
         held.add_metric([destination.name], snapshot.slots_held.get(destination.name, 0))
         limit.add_metric([destination.name], destination.max_associations)
     yield from (held, limit)
+    commitments = _gauge("commitments", "Storage Commitment transactions since the database "
+                         "was made, by state (requested: awaiting the destination's report).",
+                         ["state"])
+    for state, count in snapshot.commitments.items():
+        commitments.add_metric([state], count)
+    yield commitments
+    yield GaugeMetricFamily(
+        f"{PREFIX}_oldest_pending_commitment_age_seconds",
+        "Seconds since the oldest Storage Commitment request still awaiting its report was "
+        "sent; 0 when none is.",
+        value=_seconds_since(snapshot.oldest_requested_commitment, now))
 
 
 def disk_metrics(config: Config) -> Iterator[Metric]:

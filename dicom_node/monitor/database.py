@@ -33,7 +33,14 @@ from sqlalchemy.pool import NullPool
 from dicom_node.jobs.queue import siblings_ended
 from dicom_node.log import get_logger
 from dicom_node.send.slots import held
-from dicom_node.store.db import Job, JobState, Study, StudyState
+from dicom_node.store.db import (
+    Commitment,
+    CommitmentState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+)
 
 log = get_logger()
 
@@ -111,6 +118,10 @@ class Snapshot:
     leases_expired: int
     #: Held send slots per configured destination.
     slots_held: Mapping[str, int]
+    #: Storage Commitment transactions per state, since the database was made.
+    commitments: Mapping[str, int]
+    #: When the oldest transaction still awaiting its report was requested; None when none.
+    oldest_requested_commitment: datetime | None
 
 
 def _by_state(session: Session, column: Any, states: Sequence[str]) -> dict[str, int]:
@@ -133,9 +144,13 @@ def read_snapshot(engine: Engine, destinations: Sequence[str], now: datetime) ->
                    func.coalesce(func.sum(case((Job.lease_expires_at < now, 1), else_=0)), 0))
             .where(Job.state == JobState.RUNNING)).one()
         slots = {name: held(session, name, now) for name in destinations}
+        commitments = _by_state(session, Commitment.state, [s.value for s in CommitmentState])
+        oldest_requested = session.scalar(select(func.min(Commitment.requested_at)).where(
+            Commitment.state == CommitmentState.REQUESTED))
     return Snapshot(studies=studies, jobs=jobs, oldest_due_pending=oldest_due,
                     oldest_running=running[0], leases_expired=int(running[1]),
-                    slots_held=slots)
+                    slots_held=slots, commitments=commitments,
+                    oldest_requested_commitment=oldest_requested)
 
 
 class MonitorDatabase:

@@ -34,6 +34,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.engine import Engine
 
 from dicom_node import tls
+from dicom_node.commitment import status as commitment
+from dicom_node.commitment.report import handle_report
 from dicom_node.config import Config, NodeSection, NodeTlsSection
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
@@ -139,6 +141,12 @@ class Receiver:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # Storage Commitment reports (dicom_node.commitment): the PACS opens the association
+        # and proposes itself as the SOP Class's SCP by SCP/SCU role selection (Orthanc, IHE
+        # RAD-10). Whatever roles a peer proposes are accepted; the node only takes reports.
+        ae.add_supported_context(commitment.SOP_CLASS_UID,
+                                 [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                 scu_role=True, scp_role=True)
         if self.mpps:
             ae.add_supported_context(ModalityPerformedProcedureStep,
                                      [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -188,6 +196,7 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_N_EVENT_REPORT, handle_report, [self.context]),
         ]
         if self.mpps:
             handlers.extend(mpps_handlers(self.context))

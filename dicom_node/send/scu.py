@@ -54,7 +54,7 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _make_ae(calling_ae: str, timeout: float) -> ClientAE:
+def make_ae(calling_ae: str, timeout: float) -> ClientAE:
     ae = ClientAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     return ae
@@ -66,7 +66,7 @@ def where(dest: Destination) -> str:
             + (" over TLS" if dest.tls is not None else ""))
 
 
-def _associate(ae: ClientAE, dest: Destination, service: str) -> Association:
+def associate(ae: ClientAE, dest: Destination, service: str) -> Association:
     """Open an association to ``dest``; SendError with the reason when it fails (connection
     refused, TLS handshake, rejection and its reason, timeout: :mod:`dicom_node.send.explain`).
     ``service`` names what was asked for, for a failure to negotiate any of it."""
@@ -102,9 +102,9 @@ def _associate(ae: ClientAE, dest: Destination, service: str) -> Association:
 
 def echo(dest: Destination, calling_ae: str) -> int:
     """C-ECHO the destination; return its status (0: success); SendError if unreachable."""
-    ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
+    ae = make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, dest, "Verification")
+    assoc = associate(ae, dest, "Verification")
     try:
         status = assoc.send_c_echo()
     finally:
@@ -152,10 +152,10 @@ def _transfer_syntaxes(file_ts: str) -> list[str]:
 def _send_batch(dest: Destination, batch: Sequence[tuple[Path, str, str, str]],
                 contexts: set[tuple[str, str]], calling_ae: str
                 ) -> tuple[int, int, list[tuple[str, str]]]:
-    ae = _make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
+    ae = make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     for sop_class, ts in sorted(contexts):
         ae.add_requested_context(sop_class, ts)
-    assoc = _associate(ae, dest, "none of the results' SOP classes in their transfer syntaxes")
+    assoc = associate(ae, dest, "none of the results' SOP classes in their transfer syntaxes")
     sent, warnings = 0, 0
     failed: list[tuple[str, str]] = []
     try:

@@ -273,3 +273,45 @@ class SendSlot(Base):
     holder: Mapped[str | None] = mapped_column(String(160), nullable=True)
     #: A holder that crashed frees its slot at this time (the holder renews it while it sends).
     expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class CommitmentState(enum.StrEnum):
+    REQUESTED = "requested"      # the N-ACTION is sent (or on its way); the report is awaited
+    COMMITTED = "committed"      # the destination reported every instance committed
+    FAILED = "failed"            # the report listed failures, or the N-ACTION was refused
+    TIMED_OUT = "timed_out"      # no report within the destination's commitment_timeout_minutes
+
+
+class Commitment(Base):
+    """One Storage Commitment transaction (dicom_node.commitment): a job's results sent to a
+    destination with ``storage_commitment = true``, and what the destination reported."""
+
+    __tablename__ = "commitments"
+    __table_args__ = (UniqueConstraint("job_id", "destination", "delivery"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: Transaction UID (0008,1195), derived from the job, the destination and the delivery.
+    transaction_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    #: 1 for the job's first request to the destination, 2 for the next (after a re-send), …
+    delivery: Mapped[int] = mapped_column(Integer)
+    state: Mapped[CommitmentState] = mapped_column(
+        Enum(CommitmentState, native_enum=False, length=16, values_callable=_values), index=True)
+    #: How many instances were requested.
+    instances: Mapped[int] = mapped_column(Integer)
+    #: The Referenced SOP Sequence requested, as JSON [[SOP Class UID, SOP Instance UID], …].
+    requested: Mapped[str] = mapped_column(Text)
+    #: Instances not committed, as JSON [[SOP Instance UID, SOP Class UID, Failure Reason or
+    #: null (not in the report)], …]; None until a report lists failures.
+    failed: Mapped[str | None] = mapped_column(Text, nullable=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime)
+    #: No report by then: timed out (requested_at + commitment_timeout_minutes).
+    deadline: Mapped[datetime] = mapped_column(DateTime, index=True)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: Calling AE title of the association that carried the report.
+    reported_by: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: Why it failed or timed out, in words (also the job's last error).
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
