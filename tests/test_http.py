@@ -199,10 +199,12 @@ def test_job_gauges_count_by_state_and_age_only_claimable_jobs(monitored: Monito
             session, study, "chest", ["a", "b", "report"], ["pacs"],
             now - timedelta(minutes=10), waiting=frozenset({"report"}))}
         session.flush()
-        # a: due for two minutes; b: running since 10 minutes, its worker gone (lease expired);
-        # report: pending since 10 minutes, but waits for a and b, so no worker could claim it
+        # a: due for two minutes; b: due since 10 minutes, claimed 7 minutes ago, its worker
+        # gone (lease expired); report: pending since 10 minutes, but waits for a and b, so no
+        # worker could claim it
         jobs["a"].not_before = now - timedelta(minutes=2)
         jobs["b"].state, jobs["b"].lease_owner = "running", "w1"
+        jobs["b"].claimed_at = now - timedelta(minutes=7)
         jobs["b"].lease_expires_at = now - timedelta(seconds=5)
         session.add(SendSlot(destination="pacs", slot=0, holder="w1",
                              expires_at=now + timedelta(seconds=60)))
@@ -212,7 +214,7 @@ def test_job_gauges_count_by_state_and_age_only_claimable_jobs(monitored: Monito
     assert value(samples, "dicom_node_jobs", state="pending") == 2
     assert value(samples, "dicom_node_jobs", state="running") == 1
     assert 115 <= value(samples, "dicom_node_oldest_pending_job_age_seconds") < 300
-    assert value(samples, "dicom_node_oldest_running_job_age_seconds") >= 595
+    assert 415 <= value(samples, "dicom_node_oldest_running_job_age_seconds") < 595
     assert value(samples, "dicom_node_jobs_lease_expired") == 1
     assert value(samples, "dicom_node_send_slots_held", destination="pacs") == 1
 

@@ -55,6 +55,7 @@ def test_an_expired_lease_lets_another_worker_take_the_job(sessions: sessionmake
     later = utcnow() + timedelta(seconds=61)
     taken = queue.claim(sessions, "w2", JOBS, now=later)
     assert taken is not None and taken.owner == "w2" and taken.attempts == 2
+    assert _job(sessions).claimed_at == later  # the start of the attempt now running
 
 
 def test_a_worker_that_lost_its_lease_cannot_finish_the_job(

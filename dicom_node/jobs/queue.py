@@ -106,7 +106,7 @@ def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
                 continue
             result = session.execute(
                 update(Job).where(Job.id == job.id).where(_due(now)).values(
-                    state=JobState.RUNNING, lease_owner=owner,
+                    state=JobState.RUNNING, lease_owner=owner, claimed_at=now,
                     lease_expires_at=now + timedelta(seconds=jobs.lease_seconds),
                     attempts=Job.attempts + 1, updated_at=now)
                 .execution_options(synchronize_session=False))
@@ -362,6 +362,8 @@ def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> l
         "model_version": job.model_version or "", "state": job.state.value,
         "attempts": job.attempts, "destinations": job.destinations,
         "delivered": job.delivered, "not_before": job.not_before.isoformat(timespec="seconds"),
+        "claimed_at": job.claimed_at.isoformat(timespec="seconds") if job.claimed_at else "",
+        "lease_owner": job.lease_owner or "",
         "order": orders.get(job.study_instance_uid, ""),
         "last_error": job.last_error or "",
     } for job in jobs]

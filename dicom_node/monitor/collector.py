@@ -57,8 +57,8 @@ def snapshot_metrics(snapshot: Snapshot, config: Config, now: datetime) -> Itera
         "(0: none is waiting).", value=_seconds_since(snapshot.oldest_due_pending, now))
     yield GaugeMetricFamily(
         f"{PREFIX}_oldest_running_job_age_seconds",
-        "Seconds since the current attempt of the longest-running job became due: its run "
-        "time so far, plus any wait for a worker (0: none is running).",
+        "Seconds since a worker claimed the longest-running job: how long its current attempt "
+        "has been running (0: none is running).",
         value=_seconds_since(snapshot.oldest_running, now))
     yield GaugeMetricFamily(
         f"{PREFIX}_jobs_lease_expired",

@@ -112,7 +112,7 @@ class Snapshot:
     #: The earliest ``not_before`` of the pending jobs a worker could claim now (due, and not
     #: waiting for siblings that have not ended); None when there is none.
     oldest_due_pending: datetime | None
-    #: The earliest ``not_before`` of the running jobs: when their current attempt became due.
+    #: When the longest-running job was claimed (the start of its current attempt).
     oldest_running: datetime | None
     #: Running jobs whose lease has expired (their worker stopped renewing it).
     leases_expired: int
@@ -140,7 +140,7 @@ def read_snapshot(engine: Engine, destinations: Sequence[str], now: datetime) ->
             select(func.min(Job.not_before)).where(Job.state == JobState.PENDING)
             .where(Job.not_before <= now).where(siblings_ended()))
         running = session.execute(
-            select(func.min(Job.not_before),
+            select(func.min(func.coalesce(Job.claimed_at, Job.not_before)),
                    func.coalesce(func.sum(case((Job.lease_expires_at < now, 1), else_=0)), 0))
             .where(Job.state == JobState.RUNNING)).one()
         slots = {name: held(session, name, now) for name in destinations}

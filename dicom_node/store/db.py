@@ -124,6 +124,9 @@ class Job(Base):
     waits_for_siblings: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The findings of a done job, as JSON (messages.findings_to_json).
     findings: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: When a worker last claimed the job (the start of its current or last attempt); added
+    #: by revision 0004, so it comes last like the column in upgraded databases.
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class ScheduledStep(Base):
