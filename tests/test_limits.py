@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pynetdicom.transport
 import pytest
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from dicom_node.config import Config
@@ -66,7 +67,10 @@ def test_pynetdicom_still_reads_pdus_through_association_socket_recv() -> None:
 
 def refused(rx: Receiver, reason: str) -> float:
     """The receiver's dicom_node_peers_refused_total{reason} (monitor.counters)."""
-    return float(rx.context.counters.peers_refused.labels(reason)._value.get())
+    registry = CollectorRegistry()
+    registry.register(rx.context.counters)
+    value = registry.get_sample_value("dicom_node_peers_refused_total", {"reason": reason})
+    return float(value or 0.0)
 
 
 def test_an_announced_4gb_pdu_is_refused_before_it_is_buffered(

@@ -148,11 +148,15 @@ def record_delivery(sessions: sessionmaker[Session], claimed: ClaimedJob, destin
             mark_delivered(job, destination, model_version, utcnow())
 
 
+def _add_delivery(job: Job, destination: str, now: datetime) -> None:
+    job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
+    job.updated_at = now
+
+
 def mark_delivered(job: Job, destination: str, model_version: str, now: datetime) -> None:
     """Add ``destination`` to the job's deliveries (inside the caller's transaction)."""
-    job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
+    _add_delivery(job, destination, now)
     job.model_version = model_version
-    job.updated_at = now
 
 
 def unmark_delivered(job: Job, destination: str, now: datetime) -> None:
@@ -296,8 +300,7 @@ def redeliver(session: Session, job_id: int, destination: str, now: datetime
     job = session.get(Job, job_id)
     if job is None:
         return None
-    job.delivered = ",".join(sorted({*_split(job.delivered), destination}))
-    job.updated_at = now
+    _add_delivery(job, destination, now)
     if (job.state == JobState.FAILED and job.findings is not None
             and set(_split(job.destinations)) <= set(_split(job.delivered))):
         job.state = JobState.DONE
@@ -320,10 +323,7 @@ def retry(sessions: sessionmaker[Session], job_ids: Sequence[int] | None = None)
             job.not_before = now
             job.updated_at = now
             retried.append(job.id)
-            study = session.get(Study, job.study_instance_uid)
-            if study is not None and study.generation == job.generation and study.state in (
-                    StudyState.FAILED, StudyState.DONE):
-                study.state = StudyState.ROUTED
+            _resettle_study(session, job)  # its study is in work again
         return retried
 
 

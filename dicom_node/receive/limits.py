@@ -77,22 +77,21 @@ def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
     try:
         while received < nr_bytes:
             remaining = deadline - time.monotonic()
-            if remaining > 0:
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
                 sock.settimeout(remaining if previous_timeout is None
                                 else min(remaining, previous_timeout))
-                try:
-                    count = sock.recv_into(view[received:], min(nr_bytes - received, CHUNK))
-                except TimeoutError:  # the deadline, or the socket's idle timeout, came first
-                    count = -1
-                if count == 0:  # the peer closed the connection
-                    return buffer[:received]
-                if count > 0:
-                    received += count
-                    continue
-            log.warning("pdu_read_timeout", peer=_peer(sock), received=received,
-                        expected=nr_bytes, deadline_seconds=_limits.deadline_seconds)
-            _refused("pdu_read_timeout")
-            raise TimeoutError(f"PDU not received within {_limits.deadline_seconds} s")
+                count = sock.recv_into(view[received:], min(nr_bytes - received, CHUNK))
+            except TimeoutError:  # the deadline, or the socket's idle timeout, came first
+                log.warning("pdu_read_timeout", peer=_peer(sock), received=received,
+                            expected=nr_bytes, deadline_seconds=_limits.deadline_seconds)
+                _refused("pdu_read_timeout")
+                raise TimeoutError(
+                    f"PDU not received within {_limits.deadline_seconds} s") from None
+            if count == 0:  # the peer closed the connection
+                return buffer[:received]
+            received += count
     finally:
         view.release()
         sock.settimeout(previous_timeout)
