@@ -90,6 +90,9 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(Integer)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime)
+    #: Why later stages could not read this acknowledged instance (revision 0005); a set-aside
+    #: instance is left out of routing and of the jobs' inputs, and the rest of the study goes on.
+    set_aside_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Job(Base):
@@ -127,6 +130,8 @@ class Job(Base):
     #: When a worker last claimed the job (the start of its current or last attempt); added
     #: by revision 0004, so it comes last like the column in upgraded databases.
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: What the job's result left out and why (instances set aside), revision 0005.
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ScheduledStep(Base):
