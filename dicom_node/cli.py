@@ -73,6 +73,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_half_installed(config: Config) -> None:
+    """Stop ``serve`` and ``worker`` at start, with ``doctor``'s message, when the config names
+    models but Keras or its backend is not installed (every job would fail its attempts)."""
+    from dicom_node.doctor import backend_problem
+    from dicom_node.log import get_logger
+
+    problem = backend_problem() if config.models else None
+    if problem is not None:
+        get_logger().error("start_refused", reason=problem, models=len(config.models))
+        raise DicomNodeError(f"cannot run the {len(config.models)} configured model(s): "
+                             f"{problem}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.processes import serve
 
@@ -80,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     problems = validate_models(config)
     if problems:
         raise ConfigError("\n".join(problems))
+    refuse_half_installed(config)
     return serve(config, Path(args.config).absolute())
 
 
@@ -93,7 +107,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.processes import run_worker
 
-    run_worker(_load(args, args.name or "worker"), args.name)
+    config = _load(args, args.name or "worker")
+    refuse_half_installed(config)
+    run_worker(config, args.name)
     return 0
 
 
@@ -157,7 +173,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
         rows = list_studies(session, args.limit)
     for row in rows:
         row["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(row["jobs"].items())) or "-"
-    _print_rows(rows, ["study_instance_uid", "state", "generation", "instances",
+    _print_rows(rows, ["study_instance_uid", "state", "generation", "instances", "set_aside",
                        "last_received_at", "jobs", "order", "note"], args.json)
     return 0
 
@@ -174,8 +190,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with sessions() as session:
         rows = queue.list_jobs(session, args.state, args.limit)
     _print_rows(rows, ["id", "study_instance_uid", "generation", "route", "model",
-                       "model_version", "state", "attempts", "delivered", "order",
-                       "last_error"], args.json)
+                       "model_version", "state", "attempts", "delivered", "awaiting_delivery",
+                       "order", "last_error", "note"], args.json)
     return 0
 
 

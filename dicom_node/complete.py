@@ -27,16 +27,16 @@ the earlier result and the one that saw every image.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pydicom import dcmread
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, UnreadableInstanceError
 from dicom_node.jobs.queue import create_jobs
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
@@ -51,7 +51,8 @@ from dicom_node.store.db import (
     StudyState,
     utcnow,
 )
-from dicom_node.store.index import PROCESSED_STATES, study_instances
+from dicom_node.store.index import PROCESSED_STATES, set_aside_instances, study_instances
+from dicom_node.store.readback import read_instance, set_aside
 from dicom_node.worklist.match import match_study, order_for_study
 from dicom_node.worklist.order import Order
 
@@ -82,20 +83,52 @@ class Readiness:
 
 
 def summarize_stored_study(session: Session, data_dir: Path, study_uid: str) -> StudySummary:
-    """Summary of a stored study from one representative instance per series (headers only)."""
+    """Summary of a stored study from one representative instance per series (headers only).
+
+    A representative that cannot be read is set aside (store.readback) and the next instance of
+    its series stands in; the changes are committed with the caller's session. A study whose
+    every instance was set aside has a summary with no series (see :func:`_all_unreadable`)."""
     instances = study_instances(session, study_uid)
-    representatives: dict[str, Instance] = {}
+    by_series: dict[str, list[Instance]] = {}
     for inst in instances:
-        representatives.setdefault(inst.series_instance_uid, inst)
+        by_series.setdefault(inst.series_instance_uid, []).append(inst)
     datasets = []
-    for inst in representatives.values():
-        try:
-            datasets.append(dcmread(data_dir / inst.path, stop_before_pixels=True))
-        except OSError as exc:
-            log.error("spool_file_unreadable", study_uid=study_uid,
-                      sop_instance_uid=inst.sop_instance_uid, reason=str(exc))
+    set_aside_count = 0
+    for members in by_series.values():
+        for inst in members:
+            try:
+                ds = read_instance(data_dir / inst.path, headers_only=True)
+            except UnreadableInstanceError as exc:
+                set_aside(session, inst, str(exc), stage="completion")
+                set_aside_count += 1
+                continue
+            datasets.append(ds)
+            break
     return summarize(study_uid, datasets, {i.calling_ae_title for i in instances},
-                     instance_count=len(instances))
+                     instance_count=len(instances) - set_aside_count)
+
+
+def _all_unreadable(summary: StudySummary) -> bool:
+    return summary.series_count == 0
+
+
+def _end_unreadable(sessions: sessionmaker[Session], snap: _Snapshot) -> bool:
+    """A study none of whose instances can be read ends ``failed`` with a note, reported once:
+    it must not stay ``receiving``. A new instance reopens it like any processed study."""
+    with sessions.begin() as session:
+        study = session.get(Study, snap.study_uid, with_for_update=True)
+        if (study is None or study.state != snap.state or study.generation != snap.generation
+                or study.last_received_at != snap.last_received_at):
+            return False
+        reasons = set_aside_instances(session, snap.study_uid)
+        study.completed_at = utcnow()
+        study.state = StudyState.FAILED
+        study.note = (f"not processed: all {len(reasons)} instance(s) were set aside as "
+                      "unreadable (see instances.set_aside_reason)")[:NOTE_LIMIT]
+    log.error("study_unreadable", study_uid=snap.study_uid, generation=snap.generation,
+              set_aside=len(reasons),
+              action="state failed; send the study again (a new instance reopens it)")
+    return True
 
 
 def _report_models(config: Config) -> frozenset[str]:
@@ -196,9 +229,34 @@ def sweep(config: Config, sessions: sessionmaker[Session], now: datetime | None 
     for snap in snapshots:
         try:
             completed += _consider(config, sessions, snap, now, cutoff)
-        except Exception:  # one bad study must not stop the others; the next sweep retries it
-            log.exception("completion_failed", study_uid=snap.study_uid)
+        except Exception as exc:  # one bad study must not stop the others; the next sweep
+            _report_failure(snap, exc)  # retries it
+        else:
+            _FAILURES.pop(snap.study_uid, None)
     return completed
+
+
+#: Study UID → the last completion failure logged for it: a study that fails the same way at
+#: every sweep logs its traceback once, not every sweep (bounded: oldest entries dropped).
+_FAILURES: dict[str, str] = {}
+_FAILURES_LIMIT = 10_000
+
+
+def _report_failure(snap: _Snapshot, exc: Exception) -> None:
+    # The same error is the same exception type raised at the same line (its message may hold
+    # changing values, e.g. the timestamps among an SQL error's parameters).
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    seen = f"{snap.generation}:{type(exc).__name__}:{where}"
+    if _FAILURES.get(snap.study_uid) == seen:
+        log.debug("completion_failed", study_uid=snap.study_uid, repeated=True,
+                  reason=f"{type(exc).__name__} at {where}")
+        return
+    while len(_FAILURES) >= _FAILURES_LIMIT:
+        _FAILURES.pop(next(iter(_FAILURES)))
+    _FAILURES[snap.study_uid] = seen
+    log.exception("completion_failed", study_uid=snap.study_uid,
+                  action="retried at every sweep; logged again only if the error changes")
 
 
 def _consider(config: Config, sessions: sessionmaker[Session], snap: _Snapshot,
@@ -216,6 +274,9 @@ def _consider(config: Config, sessions: sessionmaker[Session], snap: _Snapshot,
                 and _incomplete_note(readiness) == snap.note):
             return False  # held, and nothing it waits for has changed
         summary = summarize_stored_study(session, config.node.data_dir, snap.study_uid)
+        session.commit()
+        if _all_unreadable(summary):
+            return _end_unreadable(sessions, snap)
         order = match_study(session, config, summary)
         session.commit()
         if order is not None and snap.state == StudyState.RECEIVING:
@@ -279,8 +340,11 @@ def _commit_completion(config: Config, sessions: sessionmaker[Session], snap: _S
             jobs += create_jobs(session, study, decision.route.name, decision.route.models,
                                 decision.route.send_to, now, waiting)
         study.state = StudyState.ROUTED if jobs else StudyState.UNROUTED
+        set_aside_count = len(set_aside_instances(session, snap.study_uid))
         notes = ([] if jobs else ["no route matched"]) + (
-            ["processed although incomplete: " + "; ".join(missing)] if missing else [])
+            ["processed although incomplete: " + "; ".join(missing)] if missing else []) + (
+            [f"{set_aside_count} instance(s) set aside as unreadable"] if set_aside_count
+            else [])
         study.note = "; ".join(notes)[:NOTE_LIMIT] or None
     modalities = sorted(summary.values.get("Modality", frozenset()))
     if missing:
@@ -311,6 +375,9 @@ def force(config: Config, sessions: sessionmaker[Session], study_uid: str) -> bo
         snap = _Snapshot(study.study_instance_uid, study.generation, study.last_received_at,
                          study.state, study.note)
         summary = summarize_stored_study(session, config.node.data_dir, study_uid)
+        session.commit()
+        if _all_unreadable(summary):
+            return _end_unreadable(sessions, snap)
         order = match_study(session, config, summary)
         session.commit()
     return _commit_completion(config, sessions, snap, summary,

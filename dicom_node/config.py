@@ -127,8 +127,17 @@ class NodeSection(_Section):
     acse_timeout_seconds: Seconds = 30.0
     dimse_timeout_seconds: Seconds = 60.0
     #: TCP connections open at once (associations, and connections still negotiating); one more
-    #: is closed at accept time. Default: max_associations + 8.
+    #: evicts the oldest connection still negotiating, or is closed at accept time when all are
+    #: associations. Default: max_associations + 8.
     max_connections: Annotated[int, Field(ge=1, le=4000)] | None = None
+    #: The same cap for the connections from one remote address (the host's own oldest one still
+    #: negotiating is evicted). Default: half of max_connections (at least 1), so that one host
+    #: never holds every slot.
+    max_connections_per_host: Annotated[int, Field(ge=1, le=4000)] | None = None
+    #: PS3.8's ARTIM timer for the association request: the whole A-ASSOCIATE-RQ must be read
+    #: within this time from accept (DICOM TLS: from the end of the handshake), or the
+    #: connection is closed.
+    association_request_timeout_seconds: Seconds = 5.0
     #: Largest P-DATA PDU we accept: advertised in A-ASSOCIATE-AC and enforced when reading
     #: (a longer PDU aborts the association); 0 means unlimited (still capped at 64 MiB).
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262_144
@@ -136,6 +145,13 @@ class NodeSection(_Section):
     #: "keep" keeps the first copy. Either way the sender gets Success and the study's clock
     #: restarts.
     on_duplicate: Literal["replace", "keep"] = "replace"
+    #: Free space (MiB) data_dir's file system must keep: below it a C-STORE is answered Out of
+    #: Resources (A700) before its data set is written. 500 MiB leaves room, on a nearly full
+    #: disk, for the index database to commit, the workers to write their results, retention
+    #: (retention.min_free_gb, far above) to catch up and an administrator to log in; it is a
+    #: few large studies' worth, so little is refused that could have been stored. 0: no floor
+    #: (a write that fails is still answered A700).
+    min_free_mb: Annotated[int, Field(ge=0)] = 500
     #: The DICOM TLS listener (absent: plain TCP on ``port`` only).
     tls: NodeTlsSection | None = None
 
@@ -184,6 +200,10 @@ class JobsSection(_Section):
     poll_seconds: Seconds = 1.0
     #: Worker processes that `dicom-node serve` starts.
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    #: How long a job's delivery waits out a destination that cannot be reached (refused or
+    #: timed-out connection, TLS handshake, rejected or aborted association), retrying with
+    #: the backoff above and spending none of max_attempts; then the job fails (hours).
+    delivery_window_hours: Annotated[float, Field(gt=0)] = 24.0
 
     @model_validator(mode="after")
     def _cap_not_below_base(self) -> JobsSection:

@@ -9,7 +9,8 @@ that is removed at once.
 check              FAIL when
 =================  =====================================================================
 python, packages   Python < 3.11, or a required package is missing
-keras backend      Keras or its backend cannot be imported
+keras backend      Keras or its backend cannot be imported (the same message stops ``serve``
+                   and ``worker`` when the config names models: :func:`backend_problem`)
 devices            the backend lists no device
 config             config.toml does not validate
 database           the database cannot be reached
@@ -26,6 +27,7 @@ models             a card does not validate; with --load, its weights do not loa
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -88,8 +90,69 @@ def check_python() -> list[Check]:
     return checks
 
 
+#: The module each Keras backend imports.
+BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy",
+                   "openvino": "openvino"}
+#: What to install for a backend: the extras of pyproject.toml.
+BACKEND_FIXES = {
+    "tensorflow": "install a backend extra: pip install 'dicom-node[cpu]' (TensorFlow on the "
+                  "CPU) or pip install 'dicom-node[gpu]' (TensorFlow with CUDA); for JAX, "
+                  "pip install 'dicom-node[jax]' and set KERAS_BACKEND=jax",
+    "jax": "pip install 'dicom-node[jax]'; or, for TensorFlow, unset KERAS_BACKEND and "
+           "pip install 'dicom-node[cpu]' (or 'dicom-node[gpu]')",
+}
+
+
+def keras_backend() -> tuple[str, str]:
+    """The backend Keras will use and what chose it, found as Keras finds it (KERAS_BACKEND,
+    else ``keras.json`` in KERAS_HOME or ``~/.keras``, else TensorFlow) without importing it."""
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen:
+        return chosen, f"KERAS_BACKEND={chosen}"
+    home = os.environ.get("KERAS_HOME")
+    if home is None:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    path = Path(home) / "keras.json"
+    try:
+        backend = json.loads(path.read_text(encoding="utf-8")).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    if isinstance(backend, str) and backend:
+        return backend, f"{path}"
+    return "tensorflow", "Keras' default"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        return False
+
+
+def backend_problem() -> str | None:
+    """Why models cannot be loaded for lack of Keras or of its backend, naming what to
+    install; None when both can be found. Cheap: the modules are looked up, not imported (a
+    backend that is installed but broken shows only when it is imported: ``doctor``)."""
+    if not _importable("keras"):
+        return "Keras is not installed: No module named 'keras'; pip install 'dicom-node[cpu]'"
+    backend, source = keras_backend()
+    module = BACKEND_MODULES.get(backend, backend)
+    if _importable(module):
+        return None
+    fix = BACKEND_FIXES.get(backend, (
+        f"dicom-node has no extra for it: install {module} yourself, or set KERAS_BACKEND=jax "
+        "and pip install 'dicom-node[jax]', or unset KERAS_BACKEND and pip install "
+        "'dicom-node[cpu]' (or 'dicom-node[gpu]')"))
+    return (f"the Keras backend {backend!r} ({source}) is not installed: No module named "
+            f"{module!r}; {fix} (docs/install.md#requirements)")
+
+
 def check_backend() -> list[Check]:
     """Keras, its backend and version, and every device the backend runs on."""
+    problem = backend_problem()
+    if problem is not None:
+        return [Check("keras backend", "FAIL", problem)]
     try:
         from dicom_node.infer.runtime import describe_devices
 

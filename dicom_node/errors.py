@@ -5,11 +5,14 @@
     DicomNodeError
     ├── ConfigError            config.toml (or a model card) is invalid; the message names the key
     ├── StoreError             the spool or the index could not take an instance
-    │   └── InvalidUIDError    a UID that does not follow the UID grammar (PS3.5 §9.1)
+    │   ├── InvalidUIDError    a UID that does not follow the UID grammar (PS3.5 §9.1)
+    │   └── UnreadableInstanceError  a stored instance that later stages cannot read (set aside)
     ├── ModelError             a model could not be loaded or run
     │   └── PreprocessingError an image could not be turned into the model's input
     ├── EncodeError            a result could not be encoded as valid DICOM
     ├── SendError              a destination refused, or could not be reached
+    │   └── DestinationUnreachable  it could not be reached: refused connection, TLS handshake,
+    │                               rejected or aborted association, timeout (an outage)
     └── WorklistError          the Modality Worklist SCP refused, failed or could not be reached
 """
 
@@ -32,6 +35,10 @@ class InvalidUIDError(StoreError):
     """A UID that does not follow the DICOM UID grammar."""
 
 
+class UnreadableInstanceError(StoreError):
+    """A stored instance that cannot be read or converted (store.readback); it is set aside."""
+
+
 class ModelError(DicomNodeError):
     """A model could not be loaded or run."""
 
@@ -46,6 +53,13 @@ class EncodeError(DicomNodeError):
 
 class SendError(DicomNodeError):
     """A C-STORE to a destination failed."""
+
+
+class DestinationUnreachable(SendError):
+    """The destination could not be reached, or stopped answering: the connection was refused
+    or timed out, the TLS handshake failed, the association was rejected or aborted, a request
+    got no answer. A destination problem (an outage), not a failure of the job: its delivery is
+    retried for ``jobs.delivery_window_hours`` (dicom_node.send.outages)."""
 
 
 class WorklistError(DicomNodeError):

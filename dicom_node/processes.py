@@ -4,6 +4,12 @@
 and ``jobs.workers`` worker processes (inference, encoding, sending). They share only the database
 and the data folder, so a slow or crashing model never stalls the SCP. The supervisor restarts a
 child that dies, with a growing delay, and forwards SIGHUP (reload) and SIGTERM (stop).
+
+A worker names itself in the leases it holds by host, pid and process start time
+(dicom_node.jobs.owners). ``serve`` and every worker, when they start, give back the job leases
+and send slots of owners on this machine that are provably dead (a ``serve`` killed with -9, a
+worker that crashed), so that interrupted jobs run again within seconds instead of after
+``jobs.lease_seconds``; owners on other machines, and live ones here, keep theirs.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dicom_node.config import Config
-from dicom_node.jobs import queue
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Config, JobsSection
+from dicom_node.jobs import owners, queue
 from dicom_node.log import get_logger
 from dicom_node.reload import ConfigWatcher
+from dicom_node.send import slots
 from dicom_node.store.db import make_engine, make_sessionmaker
 
 log = get_logger()
@@ -45,6 +54,28 @@ def _stop_event() -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
+
+
+def release_dead_owners(sessions: sessionmaker[Session], jobs: JobsSection) -> int:
+    """Give back the job leases and send slots of owners on this machine that are provably dead
+    (one ``lease_released`` / ``send_slot_released`` event each); how many leases. A database
+    error is logged, not raised: the leases then expire as they would have."""
+    reason = "owner process is dead"
+    try:
+        released = queue.release_dead(sessions, owners.is_dead, jobs)
+        freed = slots.release_dead(sessions, owners.is_dead)
+    except Exception:
+        log.exception("lease_release_failed")
+        return 0
+    for job in released:
+        log.info("lease_released", job_id=job.id, study_uid=job.study_instance_uid,
+                 owner=job.owner, state=str(job.state), attempts=job.attempts, reason=reason,
+                 **({"commitment_requested_again": list(job.recommitted)}
+                    if job.recommitted else {}))
+    for destination, slot, holder in freed:
+        log.info("send_slot_released", destination=destination, slot=slot, holder=holder,
+                 reason=reason)
+    return len(released)
 
 
 def run_receiver(config: Config) -> None:
@@ -89,8 +120,9 @@ def run_worker(config: Config, name: str | None = None) -> None:
     """A worker process: claims jobs and runs them until SIGTERM/SIGINT (after the current job)."""
     from dicom_node.jobs.runner import run_job
 
-    owner = name or f"{socket.gethostname()}:{os.getpid()}"
+    owner = owners.this_process(name or "worker")
     sessions = make_sessionmaker(make_engine(config.database.url))
+    release_dead_owners(sessions, config.jobs)
     holder = {"config": config}
     watcher = (ConfigWatcher(config, lambda new: holder.update(config=new))
                if config.source else None)
@@ -146,7 +178,11 @@ def serve(config: Config, config_path: Path) -> int:
     # The schema is brought to head once, before any child starts: a database the node cannot
     # use (upgraded by a newer dicom-node, unreachable) stops here with its message, instead of
     # children that fail at start and are restarted for ever.
-    make_engine(config.database.url).dispose()
+    engine = make_engine(config.database.url)
+    # The workers of a serve that was killed (kill -9, a power cut of the process tree) are
+    # dead: their jobs run again now, not after their leases (the workers check again too).
+    release_dead_owners(make_sessionmaker(engine), config.jobs)
+    engine.dispose()
 
     def start(name: str) -> None:
         role = "receive" if name == "receiver" else "worker"

@@ -10,7 +10,7 @@ No user text is ever evaluated as code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +40,43 @@ def _element_values(element: DataElement) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
+def dataset_values(ds: Dataset) -> dict[str, set[str]]:
+    """Keyword → values of every public element of one data set, nested ones too. Raises what
+    pydicom raises for an element it cannot convert (a wrong VR or length, deep nesting…)."""
+    values: dict[str, set[str]] = {}
+    for element in ds.iterall():
+        if not element.keyword or element.tag.is_private:
+            continue
+        found = _element_values(element)
+        if found:
+            values.setdefault(element.keyword, set()).update(found)
+    return values
+
+
 def summarize(study_uid: str, datasets: Iterable[Dataset], calling_aes: Iterable[str],
-              instance_count: int | None = None) -> StudySummary:
-    """Collect keyword → values from representative instances (one per series is enough)."""
+              instance_count: int | None = None,
+              on_unreadable: Callable[[Dataset, Exception], None] | None = None
+              ) -> StudySummary:
+    """Collect keyword → values from representative instances (one per series is enough).
+
+    A data set whose elements cannot be converted is left out and handed to ``on_unreadable``
+    (with what went wrong); without it, the error propagates."""
     values: dict[str, set[str]] = {}
     series: set[str] = set()
     count = 0
     for ds in datasets:
+        try:
+            found = dataset_values(ds)
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+        except Exception as exc:  # any conversion failure of one data set
+            if on_unreadable is None:
+                raise
+            on_unreadable(ds, exc)
+            continue
         count += 1
-        series.add(str(ds.get("SeriesInstanceUID", "")))
-        for element in ds.iterall():
-            if not element.keyword or element.tag.is_private:
-                continue
-            found = _element_values(element)
-            if found:
-                values.setdefault(element.keyword, set()).update(found)
+        series.add(series_uid)
+        for keyword, found_values in found.items():
+            values.setdefault(keyword, set()).update(found_values)
     return StudySummary(
         study_instance_uid=study_uid,
         values={k: frozenset(v) for k, v in values.items()},
@@ -64,11 +86,14 @@ def summarize(study_uid: str, datasets: Iterable[Dataset], calling_aes: Iterable
     )
 
 
-def summarize_files(paths: Sequence[Path], calling_aes: Iterable[str] = ()) -> StudySummary:
+def summarize_files(paths: Sequence[Path], calling_aes: Iterable[str] = (),
+                    on_unreadable: Callable[[Dataset, Exception], None] | None = None
+                    ) -> StudySummary:
     """Summarize a study from files (headers only). Used by the dry-run on a folder."""
     datasets = [dcmread(p, stop_before_pixels=True) for p in paths]
     study_uids = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
-    return summarize(",".join(sorted(study_uids)), datasets, calling_aes)
+    return summarize(",".join(sorted(study_uids)), datasets, calling_aes,
+                     on_unreadable=on_unreadable)
 
 
 def _accepts(accepted: RegexMatch | str, found: str) -> bool:

@@ -260,3 +260,24 @@ def test_keep_policy_keeps_the_first_copy_and_its_index_row(receiver: Receiver) 
     assert row.calling_ae_title == "TESTSCU"
     stored = dcmread(receiver.context.config.node.data_dir / row.path)
     assert stored.get("SeriesDescription") != "second copy"
+
+
+def test_an_instance_the_index_cannot_take_gets_out_of_resources_and_leaves_no_spool_file(
+        receiver: Receiver) -> None:
+    """A failed index commit (here the instances table is gone, for real) is answered A700 and
+    the file renamed into the spool for it is removed: nothing unindexed stays behind."""
+    ds = dcmread(sample_file("CT_small.dcm"))
+    with receiver.context.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE instances RENAME TO instances_gone")
+    try:
+        with capture_logs() as logs:
+            assert _send(receiver, ds) == StoreStatus.OUT_OF_RESOURCES
+    finally:
+        with receiver.context.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE instances_gone RENAME TO instances")
+    assert [e["reason"] for e in logs if e["event"] == "instance_not_stored"] == [
+        "index commit failed: OperationalError"]
+    spool = receiver.context.config.spool_dir
+    assert not [p for p in spool.rglob("*") if p.is_file()]
+    assert _send(receiver, ds) == StoreStatus.SUCCESS
+    assert [p.name for p in spool.rglob("*.dcm")] == [f"{ds.SOPInstanceUID}.dcm"]

@@ -53,16 +53,18 @@ def test_a_destination_that_is_down_fails_the_job_visibly_and_an_admin_retry_del
         destinations=[{"name": "pacs", "ae_title": "LATER", "host": "127.0.0.1",
                        "port": down_port, "timeout_seconds": 2}],
         sections={"jobs": {"poll_seconds": 0.2, "max_attempts": 3, "retry_base_seconds": 0.5,
-                           "retry_max_seconds": 1}})
+                           "retry_max_seconds": 1, "delivery_window_hours": 0.002}})
     worker = node_factory("worker", like=receiver)
     sent = dcmtk("storescu", "-aec", receiver.ae_title, "127.0.0.1", str(receiver.port),
                  sample_file("RG1_UNCR.dcm"))
     assert sent.returncode == 0, sent.stderr
 
+    # An outage is waited out (no attempt spent) until the delivery window (7.2 s) is over.
     failed = worker.wait_for_log("job_failed", timeout=90)
-    retries = worker.find_logs("job_retry")
-    assert len(retries) == 2 and failed["attempts"] == 3
-    assert "LATER@127.0.0.1" in failed["reason"]
+    deferred = worker.find_logs("delivery_deferred")
+    assert len(deferred) >= 3 and failed["delivery_attempts"] == len(deferred) + 1
+    assert not worker.find_logs("job_retry")
+    assert "LATER@127.0.0.1" in failed["reason"] and "pacs unreachable since" in failed["reason"]
     (job,) = worker.jobs()
     assert job["state"] == "failed"
     assert f"LATER@127.0.0.1:{down_port}: cannot connect: [Errno 111] Connection refused" in (

@@ -10,12 +10,19 @@ A job is one (study generation, route, model). Its life::
 Every state change is one transaction. A claim is a conditional UPDATE (pending and due, or
 running with an expired lease), so two workers never hold the same job, on SQLite or PostgreSQL.
 A worker killed mid-job leaves its lease to expire; the job then runs again, and because result
-UIDs are deterministic the destination sees a re-send, not a duplicate.
+UIDs are deterministic the destination sees a re-send, not a duplicate. A worker or ``serve``
+starting on the same machine does not wait for that: :func:`release_dead` gives back at once the
+leases of owners it can prove dead (dicom_node.jobs.owners).
+
+A try whose results are ready but whose destination cannot be reached (an outage:
+dicom_node.send.outages) is not a failed attempt: :func:`await_delivery` puts the job back to
+``pending`` after a backoff on its delivery tries, gives the claim's attempt back, and fails the
+job only once ``jobs.delivery_window_hours`` have passed since its first such try.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -120,6 +127,77 @@ def claim(sessions: sessionmaker[Session], owner: str, jobs: JobsSection,
     return None
 
 
+@dataclass(frozen=True)
+class Released:
+    """A running job whose lease :func:`release_dead` gave back."""
+
+    id: int
+    study_instance_uid: str
+    owner: str
+    #: ``pending`` (due at once), or ``failed`` when that was the last allowed attempt.
+    state: JobState
+    attempts: int
+    #: Destinations whose storage commitment request the dead owner had recorded in that
+    #: attempt: taken off the deliveries, so that the next attempt sends and requests again.
+    recommitted: tuple[str, ...] = ()
+
+
+def release_dead(sessions: sessionmaker[Session], is_dead: Callable[[str], bool],
+                 jobs: JobsSection, now: datetime | None = None) -> list[Released]:
+    """Give back, in one transaction, the leases of running jobs whose owner ``is_dead``
+    (dicom_node.jobs.owners.is_dead: provably, on this machine): each job is ``pending`` and due
+    at once, or ``failed`` when the dead owner's attempt was the last allowed. Each is a
+    conditional UPDATE, like a claim, so a job that another worker took meanwhile is left alone.
+
+    The attempt the owner died in counts (a model that kills its worker still ends ``failed``).
+    A storage commitment request the owner recorded in that attempt may never have reached the
+    destination: it is marked failed and its destination taken off the job's deliveries, so the
+    next attempt sends and requests again (the same result UIDs: a re-send)."""
+    now = now or utcnow()
+    released = []
+    with sessions.begin() as session:
+        running = session.scalars(select(Job).where(
+            Job.state == JobState.RUNNING, Job.lease_owner.is_not(None)).order_by(Job.id)).all()
+        for job in running:
+            owner = job.lease_owner or ""
+            if not is_dead(owner):
+                continue
+            last = job.attempts >= jobs.max_attempts
+            error = (f"worker {owner} died on the last of {jobs.max_attempts} attempts" if last
+                     else f"worker {owner} died during attempt {job.attempts}; lease released")
+            result = session.execute(
+                update(Job).where(Job.id == job.id, Job.state == JobState.RUNNING,
+                                  Job.lease_owner == owner)
+                .values(state=JobState.FAILED if last else JobState.PENDING,
+                        not_before=now, lease_owner=None, lease_expires_at=None,
+                        last_error=error, updated_at=now)
+                .execution_options(synchronize_session=False))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                continue  # another process released or claimed it first
+            session.refresh(job)
+            recommitted = _recommit(session, job, owner, now)
+            if last:
+                _settle_study(session, job)
+            released.append(Released(job.id, job.study_instance_uid, owner, job.state,
+                                     job.attempts, recommitted))
+    return released
+
+
+def _recommit(session: Session, job: Job, owner: str, now: datetime) -> tuple[str, ...]:
+    """The storage commitment requests of a dead owner's attempt (since its claim) fail, and
+    their destinations are no longer delivered (inside the caller's transaction)."""
+    since = job.claimed_at or job.created_at
+    rows = session.scalars(select(Commitment).where(
+        Commitment.job_id == job.id, Commitment.state == CommitmentState.REQUESTED,
+        Commitment.requested_at >= since)).all()
+    for row in rows:
+        row.state = CommitmentState.FAILED
+        row.note = (f"worker {owner} died before the request was known to have reached the "
+                    "destination; requested again by the next attempt")
+        unmark_delivered(job, row.destination, now)
+    return tuple(sorted({row.destination for row in rows}))
+
+
 def owned(session: Session, job_id: int, owner: str) -> Job | None:
     """The job, if it is running under ``owner``'s lease (inside the caller's transaction)."""
     job = session.get(Job, job_id)
@@ -195,6 +273,7 @@ def succeed(sessions: sessionmaker[Session], claimed: ClaimedJob, model_version:
             return None
         job.findings = findings_to_json(findings)
         job.model_version = model_version
+        _stop_awaiting(job)
         if _taken_back(session, job):
             _attempt_failed(session, job, job.last_error or "storage commitment failed",
                             jobs or JobsSection(), now)
@@ -216,8 +295,63 @@ def fail(sessions: sessionmaker[Session], claimed: ClaimedJob, error: str, jobs:
         job = owned(session, claimed.id, claimed.owner)
         if job is None:
             return None
+        _stop_awaiting(job)
         _attempt_failed(session, job, error, jobs, now, permanent=permanent)
         return job.state
+
+
+def _stop_awaiting(job: Job) -> None:
+    """The job's deliveries no longer wait out an outage (inside the caller's transaction)."""
+    job.awaiting_delivery_to = job.awaiting_delivery_since = None
+
+
+@dataclass(frozen=True)
+class DeliveryWait:
+    """What :func:`await_delivery` made of the job."""
+
+    state: JobState
+    #: Tries since the job's deliveries began to wait, this one included.
+    delivery_attempts: int
+    since: datetime
+    #: The next try (``pending``), or when it failed.
+    not_before: datetime
+
+
+def await_delivery(sessions: sessionmaker[Session], claimed: ClaimedJob,
+                   unreachable: Mapping[str, tuple[str, datetime]], jobs: JobsSection
+                   ) -> DeliveryWait | None:
+    """The try found destinations unreachable (name → (reason, start of its outage)) with the
+    job's results ready: not a failed attempt. The claim's attempt is given back and the job
+    goes back to ``pending`` after :func:`backoff` of its delivery tries (never past the end of
+    its window); ``failed`` once ``jobs.delivery_window_hours`` have passed since its first such
+    try. None if the job was not ours."""
+    now = utcnow()
+    window = timedelta(hours=jobs.delivery_window_hours)
+    with sessions.begin() as session:
+        job = owned(session, claimed.id, claimed.owner)
+        if job is None:
+            return None
+        if job.awaiting_delivery_since is None:
+            job.awaiting_delivery_since, job.delivery_attempts = now, 0
+        since = job.awaiting_delivery_since
+        job.awaiting_delivery_to = ",".join(sorted(unreachable))
+        job.delivery_attempts = (job.delivery_attempts or 0) + 1
+        job.attempts = max(job.attempts - 1, 0)  # the claim counted one; this try spent none
+        reasons = "; ".join(reason for reason, _start in unreachable.values())
+        if now - since >= window:
+            down_since = min([since, *(start for _reason, start in unreachable.values())])
+            _finish_failed(session, job, (
+                f"{job.awaiting_delivery_to} unreachable since {down_since:%Y-%m-%d %H:%M:%S}Z: "
+                f"the delivery window of {jobs.delivery_window_hours:g} h "
+                f"(jobs.delivery_window_hours) is over after {job.delivery_attempts} delivery "
+                f"attempt(s); last: {reasons}"), now)
+            return DeliveryWait(job.state, job.delivery_attempts, since, now)
+        job.state = JobState.PENDING
+        job.not_before = min(now + backoff(job.delivery_attempts, jobs), since + window)
+        job.lease_owner = job.lease_expires_at = None
+        job.last_error = f"awaiting delivery: {reasons}"
+        job.updated_at = now
+        return DeliveryWait(job.state, job.delivery_attempts, since, job.not_before)
 
 
 def _attempt_failed(session: Session, job: Job, error: str, jobs: JobsSection, now: datetime,
@@ -322,6 +456,8 @@ def retry(sessions: sessionmaker[Session], job_ids: Sequence[int] | None = None)
             job.attempts = 0
             job.not_before = now
             job.updated_at = now
+            _stop_awaiting(job)
+            job.delivery_attempts = 0
             retried.append(job.id)
             _resettle_study(session, job)  # its study is in work again
         return retried
@@ -365,5 +501,22 @@ def list_jobs(session: Session, state: str | None = None, limit: int = 200) -> l
         "claimed_at": job.claimed_at.isoformat(timespec="seconds") if job.claimed_at else "",
         "lease_owner": job.lease_owner or "",
         "order": orders.get(job.study_instance_uid, ""),
+        "awaiting_delivery": _awaiting(job),
+        "awaiting_delivery_to": job.awaiting_delivery_to or "",
+        "awaiting_delivery_since": (job.awaiting_delivery_since.isoformat(timespec="seconds")
+                                    if job.awaiting_delivery_since else ""),
+        "delivery_attempts": job.delivery_attempts or 0,
         "last_error": job.last_error or "",
+        "note": job.note or "",
     } for job in jobs]
+
+
+def _awaiting(job: Job) -> str:
+    """"pacs since 2026-12-08T03:00:12Z, 14 delivery attempts" for a job waiting out an outage,
+    "" otherwise."""
+    if not job.awaiting_delivery_to or job.awaiting_delivery_since is None or job.state not in (
+            JobState.PENDING, JobState.RUNNING):
+        return ""
+    return (f"{job.awaiting_delivery_to} since "
+            f"{job.awaiting_delivery_since.isoformat(timespec='seconds')}Z, "
+            f"{job.delivery_attempts} delivery attempt(s)")

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.commitment.request import request_commitment
 from dicom_node.config import Config, Destination
 from dicom_node.encode.order import apply_order
-from dicom_node.errors import DicomNodeError, ModelError, PreprocessingError, SendError
+from dicom_node.errors import (
+    DestinationUnreachable,
+    DicomNodeError,
+    ModelError,
+    PreprocessingError,
+    SendError,
+    UnreadableInstanceError,
+)
 from dicom_node.jobs import queue
 from dicom_node.jobs.queue import ClaimedJob
 from dicom_node.log import get_logger
@@ -32,10 +41,12 @@ from dicom_node.messages import (
     findings_to_json,
 )
 from dicom_node.retention import purged_at
-from dicom_node.send.scu import send_files
+from dicom_node.send import outages
+from dicom_node.send.scu import send_files, where
 from dicom_node.send.slots import send_slot
-from dicom_node.store.db import JobState
-from dicom_node.store.index import study_instances
+from dicom_node.store.db import Instance, Job, JobState
+from dicom_node.store.index import set_aside_instances, study_instances
+from dicom_node.store.readback import read_instance, set_aside
 from dicom_node.store.spool import write_file
 from dicom_node.uids import validate_uid
 from dicom_node.worklist.match import order_for_study
@@ -54,12 +65,39 @@ def results_folder(config: Config, job: ClaimedJob, model_version: str) -> Path:
             / key.hexdigest()[:16])
 
 
+#: Longest job note kept (the instances its inputs left out, and why).
+JOB_NOTE_LIMIT = 2000
+
+
 def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
                   modalities: tuple[str, ...], headers_only: bool) -> list[Dataset]:
+    """The job's input data sets. One that cannot be read (store.readback) is set aside and the
+    job goes on with the others; its note names every set-aside instance it left out."""
     with sessions() as session:
         instances = study_instances(session, job.study_instance_uid)
-        paths = [config.node.data_dir / i.path for i in instances
-                 if not modalities or i.modality in modalities]
+        wanted = [i for i in instances if not modalities or i.modality in modalities]
+    sources = []
+    unreadable = []
+    for inst in wanted:  # no transaction open while the files are read
+        try:
+            sources.append(read_instance(config.node.data_dir / inst.path,
+                                         headers_only=headers_only))
+        except UnreadableInstanceError as exc:
+            unreadable.append((inst, str(exc)))
+    with sessions.begin() as session:
+        for inst, reason in unreadable:
+            set_aside(session, inst, reason, stage=f"job {job.id}")
+        skipped = _skipped(session, job.study_instance_uid, modalities)
+        if skipped:
+            row = session.get(Job, job.id)
+            if row is not None:
+                row.note = ("left out " + f"{len(skipped)} unreadable instance(s): " + "; ".join(
+                    f"{uid}: {why}" for uid, why in sorted(skipped.items())))[:JOB_NOTE_LIMIT]
+    if skipped and not sources:
+        raise PreprocessingError(
+            f"every instance of the study this model reads is unreadable ({len(skipped)} set "
+            "aside; see the job's note)")
+    paths = [i.path for i in wanted]
     if not paths:
         with sessions() as session:
             deleted = purged_at(session, job.study_instance_uid)
@@ -69,7 +107,17 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
                 "study to the node again, then reprocess it")
         raise PreprocessingError(
             f"the study has no instance of modality {' or '.join(modalities)} for this model")
-    return [dcmread(p, stop_before_pixels=headers_only) for p in paths]
+    return sources
+
+
+def _skipped(session: Session, study_uid: str, modalities: tuple[str, ...]) -> dict[str, str]:
+    """The study's set-aside instances of the model's modalities: SOP Instance UID → reason."""
+    reasons = set_aside_instances(session, study_uid)
+    if not modalities or not reasons:
+        return reasons
+    kept = set(session.scalars(select(Instance.sop_instance_uid).where(
+        Instance.sop_instance_uid.in_(list(reasons)), Instance.modality.in_(modalities))))
+    return {uid: why for uid, why in reasons.items() if uid in kept}
 
 
 def _write_results(folder: Path, output: PipelineOutput, scratch: Path,
@@ -152,10 +200,22 @@ def _deliver(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
              dest: Destination, files: list[Path], version: str, bound: Any) -> bool:
     """Send the results to one destination (holding one of its association slots) and record
     the delivery; for a destination with ``storage_commitment``, record the transaction and
-    request it instead (dicom_node.commitment). SendError when anything fails; False when the
-    job is no longer ours."""
+    request it instead (dicom_node.commitment). DestinationUnreachable when the destination
+    cannot be reached or stops answering (an outage); SendError when it refuses an object or
+    anything else fails; False when the job is no longer ours."""
     with send_slot(sessions, dest.name, dest.max_associations, f"{job.owner}/job {job.id}"):
-        report = send_files(dest, files, config.node.ae_title)
+        try:
+            report = send_files(dest, files, config.node.ae_title)
+        except DestinationUnreachable:
+            raise
+        except SendError:  # it answered, and accepted none of the results' SOP classes
+            outages.note_reachable(sessions, dest.name)
+            raise
+        if report.failed and report.interrupted is not None and not report.refused:
+            raise DestinationUnreachable(
+                f"{dest.name}: {where(dest)}: {report.interrupted} ({len(report.failed)} of "
+                f"{len(files)} instance(s) unanswered)")
+        outages.note_reachable(sessions, dest.name)  # it answered: any outage is over
         if report.failed:
             reasons = "; ".join(f"{uid}: {why}" for uid, why in report.failed[:3])
             raise SendError(f"{dest.name}: {len(report.failed)} of {len(files)} instance(s) "
@@ -171,6 +231,25 @@ def _deliver(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
     bound.info("commitment_requested", destination=dest.name, transaction_uid=requested[0],
                instances=requested[1], timeout_minutes=dest.commitment_timeout_minutes)
     return True
+
+
+def _await_delivery(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
+                    unreachable: dict[str, tuple[str, datetime]], bound: Any) -> None:
+    """The results are ready but destinations are down: wait the outage out (no attempt
+    spent), or fail the job once its delivery window is over."""
+    wait = queue.await_delivery(sessions, job, unreachable, config.jobs)
+    if wait is None:
+        bound.warning("job_lease_lost", reason="another worker took the job over")
+    elif wait.state == JobState.FAILED:
+        with sessions() as session:
+            error = queue.last_error(session, job.id)
+        bound.error("job_failed", reason=error, state=str(wait.state),
+                    delivery_attempts=wait.delivery_attempts)
+    else:
+        bound.info("delivery_deferred", destinations=sorted(unreachable),
+                   delivery_attempts=wait.delivery_attempts,
+                   awaiting_since=wait.since.isoformat(timespec="seconds") + "Z",
+                   next_try=wait.not_before.isoformat(timespec="seconds") + "Z")
 
 
 def run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -> None:
@@ -189,6 +268,7 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
         if not queue.renew(sessions, job, config.jobs):
             bound.warning("job_lease_lost", reason="another worker took the job over")
             return
+        unreachable: dict[str, tuple[str, datetime]] = {}
         for name in job.destinations:
             if name in job.delivered:
                 continue
@@ -196,9 +276,23 @@ def _run_job(config: Config, sessions: sessionmaker[Session], job: ClaimedJob) -
                 dest = config.destination(name)
             except KeyError:
                 raise SendError(f"destination {name!r} is no longer in the config") from None
-            if not _deliver(config, sessions, job, dest, files, version, bound):
+            outage = outages.take_try(sessions, name,
+                                      dest.timeout_seconds + config.jobs.retry_base_seconds)
+            if outage is not None:  # another worker tries it: wait, without connecting
+                unreachable[name] = (outage.last_error, outage.since)
+                continue
+            try:
+                delivered = _deliver(config, sessions, job, dest, files, version, bound)
+            except DestinationUnreachable as exc:  # an outage: the other destinations go on
+                unreachable[name] = (str(exc), outages.note_unreachable(
+                    sessions, name, str(exc), config.jobs.retry_base_seconds))
+                continue
+            if not delivered:
                 bound.warning("job_lease_lost", reason="another worker took the job over")
                 return
+        if unreachable:
+            _await_delivery(config, sessions, job, unreachable, bound)
+            return
     except PreprocessingError as exc:
         state = queue.fail(sessions, job, str(exc), config.jobs, permanent=True)
         bound.error("job_failed", reason=str(exc), state=str(state), retry="by administrator")

@@ -83,6 +83,29 @@ def snapshot_metrics(snapshot: Snapshot, config: Config, now: datetime) -> Itera
         "Seconds since the oldest Storage Commitment request still awaiting its report was "
         "sent; 0 when none is.",
         value=_seconds_since(snapshot.oldest_requested_commitment, now))
+    yield from outage_metrics(snapshot, config, now)
+
+
+def outage_metrics(snapshot: Snapshot, config: Config, now: datetime) -> Iterator[Metric]:
+    """Destinations the workers cannot reach now, and the jobs waiting for them (one series
+    per configured destination, and per destination that jobs or an outage still name)."""
+    names = sorted({d.name for d in config.destinations} | set(snapshot.awaiting_delivery)
+                   | set(snapshot.unreachable_since))
+    awaiting = _gauge("jobs_awaiting_delivery", "Jobs whose results are ready and wait for "
+                      "the destination to be reachable again (pending, spending none of "
+                      "max_attempts, for up to jobs.delivery_window_hours).", ["destination"])
+    down = _gauge("destination_unreachable", "1 while the workers' last try could not reach "
+                  "the destination (refused or timed-out connection, TLS handshake, rejected "
+                  "or aborted association), 0 once a try reaches it.", ["destination"])
+    seconds = _gauge("destination_unreachable_seconds", "Seconds since the destination's "
+                     "outage began (its first failed try); 0 while it is reachable.",
+                     ["destination"])
+    for name in names:
+        since = snapshot.unreachable_since.get(name)
+        awaiting.add_metric([name], snapshot.awaiting_delivery.get(name, 0))
+        down.add_metric([name], int(since is not None))
+        seconds.add_metric([name], _seconds_since(since, now))
+    yield from (awaiting, down, seconds)
 
 
 def disk_metrics(config: Config) -> Iterator[Metric]:

@@ -16,7 +16,8 @@ from dicom_node.receive.status import StoreStatus
 
 PREFIX = "dicom_node"
 #: The reasons of dicom_node_peers_refused_total (a bounded label set).
-PEER_REFUSALS = ("connection_cap", "pdu_too_long", "pdu_read_timeout", "tls_handshake")
+PEER_REFUSALS = ("connection_cap", "evicted", "association_request_timeout", "pdu_too_long",
+                 "pdu_read_timeout", "tls_handshake")
 
 
 def status_label(status: int) -> str:
@@ -42,7 +43,10 @@ class ReceiverCounters:
             "allowed, called AE title wrong, max_associations reached).", registry=None)
         self.peers_refused = Counter(
             f"{PREFIX}_peers_refused", "Connections the receiver cut to bound what a peer can "
-            "hold, by reason: connection_cap (node.max_connections), pdu_too_long "
+            "hold, by reason: connection_cap (node.max_connections or "
+            "node.max_connections_per_host, all associations), evicted (a connection still "
+            "negotiating, closed to make room for a new one), association_request_timeout "
+            "(node.association_request_timeout_seconds), pdu_too_long "
             "(node.max_pdu_bytes), pdu_read_timeout (node.network_timeout_seconds), "
             "tls_handshake (a failed DICOM TLS handshake).", ["reason"], registry=None)
         for reason in PEER_REFUSALS:

@@ -11,7 +11,7 @@ scrape must not take their connections or wait behind them. Its engine gives up 
   ``statement_timeout`` and ``default_transaction_read_only`` for its session.
 
 Every query is a ``COUNT … GROUP BY`` on an indexed state column, a ``MIN`` over one state's
-rows, or a count of one destination's slots.
+rows, a count of one destination's slots, or the few rows of ``destination_outages``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from sqlalchemy.pool import NullPool
 
 from dicom_node.jobs.queue import siblings_ended
 from dicom_node.log import get_logger
+from dicom_node.send import outages
 from dicom_node.send.slots import held
 from dicom_node.store.db import (
     Commitment,
@@ -122,6 +123,10 @@ class Snapshot:
     commitments: Mapping[str, int]
     #: When the oldest transaction still awaiting its report was requested; None when none.
     oldest_requested_commitment: datetime | None
+    #: Pending or running jobs waiting out an outage, per destination they wait for.
+    awaiting_delivery: Mapping[str, int] = field(default_factory=dict)
+    #: The start of each unreachable destination's outage (dicom_node.send.outages).
+    unreachable_since: Mapping[str, datetime] = field(default_factory=dict)
 
 
 def _by_state(session: Session, column: Any, states: Sequence[str]) -> dict[str, int]:
@@ -147,10 +152,21 @@ def read_snapshot(engine: Engine, destinations: Sequence[str], now: datetime) ->
         commitments = _by_state(session, Commitment.state, [s.value for s in CommitmentState])
         oldest_requested = session.scalar(select(func.min(Commitment.requested_at)).where(
             Commitment.state == CommitmentState.REQUESTED))
+        awaiting = dict.fromkeys(destinations, 0)
+        for names, count in session.execute(
+                select(Job.awaiting_delivery_to, func.count())
+                .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+                .where(Job.awaiting_delivery_to.is_not(None))
+                .group_by(Job.awaiting_delivery_to)).all():
+            for name in (names or "").split(","):
+                if name:
+                    awaiting[name] = awaiting.get(name, 0) + int(count)
+        down = {name: outage.since for name, outage in outages.current(session).items()}
     return Snapshot(studies=studies, jobs=jobs, oldest_due_pending=oldest_due,
                     oldest_running=running[0], leases_expired=int(running[1]),
                     slots_held=slots, commitments=commitments,
-                    oldest_requested_commitment=oldest_requested)
+                    oldest_requested_commitment=oldest_requested,
+                    awaiting_delivery=awaiting, unreachable_since=down)
 
 
 class MonitorDatabase:

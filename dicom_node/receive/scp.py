@@ -40,7 +40,7 @@ from dicom_node.config import Config, NodeSection, NodeTlsSection
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 from dicom_node.mpps.scp import mpps_handlers
-from dicom_node.receive import limits, polling
+from dicom_node.receive import disk, limits, polling
 from dicom_node.receive.status import EchoStatus
 from dicom_node.receive.store_handler import StoreContext, handle_store
 from dicom_node.receive.tls_server import TlsAssociationServer, start_tls_server
@@ -84,6 +84,17 @@ def _connection_limit(config: Config) -> int:
     return node.max_connections or node.max_associations + 8
 
 
+def _per_host_limit(config: Config) -> int:
+    """node.max_connections_per_host; absent: half of the connection limit, so that one host
+    never holds every slot."""
+    return config.node.max_connections_per_host or max(1, _connection_limit(config) // 2)
+
+
+def _make_cap(config: Config, refused: Any) -> limits.ConnectionCap:
+    return limits.ConnectionCap(_connection_limit(config), _per_host_limit(config),
+                                config.node.association_request_timeout_seconds, refused)
+
+
 def _tls_listener(node: NodeSection) -> tuple[int, bool] | None:
     """The TLS listener's shape (port, plain TCP too), None without TLS."""
     return None if node.tls is None else (node.tls.port, node.tls.plain_tcp)
@@ -98,7 +109,8 @@ def _listeners(node: NodeSection) -> tuple[object, ...]:
 RELOADABLE_NODE_KEYS = ("allowed_calling_aets", "check_called_ae_title", "max_associations",
                         "network_timeout_seconds", "acse_timeout_seconds",
                         "dimse_timeout_seconds", "max_pdu_bytes", "max_connections",
-                        "on_duplicate")
+                        "on_duplicate", "min_free_mb", "max_connections_per_host",
+                        "association_request_timeout_seconds")
 
 
 #: The receiver warns (tls_certificate_expiring) at start and reload within this many days.
@@ -135,8 +147,9 @@ class Receiver:
         self._tls_server: TlsAssociationServer | None = None
         self._previous_tempdir: str | None = None
 
-    def _make_ae(self, config: Config) -> AE:
-        ae = AE(ae_title=config.node.ae_title)
+    def _make_ae(self, config: Config) -> limits.ReceiverAE:
+        # max_associations counting associations, not connections still negotiating (limits.py)
+        ae = limits.ReceiverAE(ae_title=config.node.ae_title)
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
@@ -180,8 +193,11 @@ class Receiver:
         # bound whatever the log level; the node logs its own structured events instead.
         _config.LOG_HANDLER_LEVEL = "none"
         polling.install()
+        # below node.min_free_mb, or when a write fails, a C-STORE is answered A700 (disk.py)
+        disk.install(node.min_free_mb)
         refused = self.context.counters.peer_refused
         limits.install_bounded_reads(node.max_pdu_bytes, node.network_timeout_seconds, refused)
+        self._cap = _make_cap(config, refused)
         # given back at stop(), so that the rest of a process running a receiver for a while
         # (the tests) writes its temporary files where it did before
         self._previous_tempdir = tempfile.tempdir
@@ -197,6 +213,7 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_N_EVENT_REPORT, handle_report, [self.context]),
+            *self._cap.handlers,  # connection admission and the request deadline (limits.py)
         ]
         if self.mpps:
             handlers.extend(mpps_handlers(self.context))
@@ -212,7 +229,8 @@ class Receiver:
             self._server = self.ae.start_server(
                 (node.bind, node.port), block=False, evt_handlers=handlers)
         servers = [s for s in (self._server, self._tls_server) if s is not None]
-        self._cap = limits.cap_connections(servers, _connection_limit(config), refused)
+        self._cap.install(servers)
+        self.ae.cap = self._cap
         log.info("receiver_started", ae_title=node.ae_title, bind=node.bind,
                  port=self._server_port(self._server), max_associations=node.max_associations,
                  allowed_calling_aets=list(node.allowed_calling_aets) or "any",
@@ -269,8 +287,12 @@ class Receiver:
         self._apply_limits(self.ae, config)
         if self._server is not None or self._tls_server is not None:
             self._cap.limit = _connection_limit(config)
+            self._cap.per_host_limit = _per_host_limit(config)
+            self._cap.request_seconds = config.node.association_request_timeout_seconds
+            self._cap.reapply()  # _apply_limits gave every association the AE's acse_timeout
             limits.install_bounded_reads(config.node.max_pdu_bytes,
                                          config.node.network_timeout_seconds)
+            disk.install(config.node.min_free_mb)
         if self._tls_server is not None and config.node.tls is not None:
             self._tls_server.handshake_timeout = config.node.acse_timeout_seconds
             if not self._reload_tls(self._tls_server, config.node.tls):
@@ -341,5 +363,6 @@ def rejection_reason(assoc: Any) -> str:
                   f"{str(assoc.acceptor.ae_title).strip()!r} (node.check_called_ae_title)")
     acceptors = [a for a in ae.active_associations if a.is_acceptor]
     if len(acceptors) > ae.maximum_associations:
-        reason = f"{ae.maximum_associations} associations already open (node.max_associations)"
+        limit = getattr(ae, "associations_limit", ae.maximum_associations)
+        reason = f"{limit} associations already open (node.max_associations)"
     return reason

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
 from sqlalchemy.engine import Engine
@@ -28,13 +28,16 @@ from dicom_node.config import Config
 from dicom_node.errors import InvalidUIDError
 from dicom_node.log import get_logger
 from dicom_node.monitor.counters import ReceiverCounters
+from dicom_node.receive import disk
 from dicom_node.receive.status import StoreStatus
 from dicom_node.store.index import record_instance
+from dicom_node.store.readback import describe
 from dicom_node.store.spool import commit_file, fsync_file, instance_path
 from dicom_node.uids import validate_uid
 
 _HEADER_TAGS: list[BaseTag | int] = [Tag(k) for k in (
-    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "SoftwareVersions")]
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+    "SoftwareVersions")]
 
 _LAST_HEADER_TAG = Tag("SeriesInstanceUID")
 
@@ -82,51 +85,81 @@ class StoreContext:
     counters: ReceiverCounters = field(default_factory=ReceiverCounters)
 
 
-def _refuse(synced: Future[None]) -> StoreStatus:
-    """Answer Cannot understand, once the background fsync of the refused file has ended (the
-    file is removed by pynetdicom after the handler returns)."""
+def _refuse(synced: Future[None],
+            status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND) -> StoreStatus:
+    """Answer a refusal (Cannot understand unless told), once the background fsync of the
+    refused file has ended (the file is removed by pynetdicom after the handler returns)."""
     with contextlib.suppress(OSError):
         synced.result()
-    return StoreStatus.CANNOT_UNDERSTAND
+    return status
+
+
+class _Mismatch(ValueError):
+    """The data set lacks, or contradicts, an identifying attribute of the request: answered
+    Data Set does not match SOP Class (A900)."""
+
+
+def _drop_unindexed(final_path: Path, new_file: bool) -> None:
+    """After a failed index commit: remove the file the spool got for a new instance (the
+    sender was not answered Success, and no row names it). A replaced copy stays: the index
+    row of the instance names that path."""
+    if new_file:
+        with contextlib.suppress(OSError):
+            final_path.unlink()
 
 
 def handle_store(event: Any, context: StoreContext) -> int:
     """EVT_C_STORE handler (bound with ``[context]``)."""
+    if not disk.written(event):  # below node.min_free_mb, or the write failed (disk.py)
+        return StoreStatus.OUT_OF_RESOURCES
     temp_path = event.dataset_path
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     request = event.request
     config = context.config
     synced = context.io.submit(fsync_file, temp_path)
+    sop_uid = ""
     try:
         sop_uid = validate_uid(request.AffectedSOPInstanceUID, "SOP Instance UID")
         sop_class = validate_uid(request.AffectedSOPClassUID, "SOP Class UID")
         header = read_header(temp_path)
         study_uid = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
         series_uid = validate_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
-        dataset_sop_uid = str(header.get("SOPInstanceUID", sop_uid))
-        if dataset_sop_uid != sop_uid:
-            log.warning("instance_refused", reason="SOP Instance UID in the data set differs "
-                        "from the C-STORE request's Affected SOP Instance UID",
-                        calling_ae=calling_ae, sop_instance_uid=sop_uid)
-            return _refuse(synced)
+        # Later stages (summary, encoders) identify an instance by the data set's own UIDs: an
+        # instance without them is refused here, not accepted under the request's UIDs.
+        for keyword, requested in (("SOPInstanceUID", sop_uid), ("SOPClassUID", sop_class)):
+            if keyword not in header:
+                raise _Mismatch(f"the data set has no {keyword}")
+            if str(header.get(keyword)).strip() != requested:
+                raise _Mismatch(f"{keyword} in the data set differs from the C-STORE "
+                                "request's Affected one")
         modality = str(header.get("Modality", "")).strip()[:16]
         transfer_syntax = str(header.file_meta.TransferSyntaxUID)
         own_result = is_own_result(header.get("SoftwareVersions"))
     except InvalidUIDError as exc:
         log.warning("instance_refused", reason=str(exc), calling_ae=calling_ae)
         return _refuse(synced)
-    except (InvalidDicomError, OSError, ValueError, KeyError, AttributeError) as exc:
-        log.warning("instance_refused", reason=f"unreadable data set: {exc}",
-                    calling_ae=calling_ae)
+    except _Mismatch as exc:
+        log.warning("instance_refused", reason=str(exc), calling_ae=calling_ae,
+                    sop_instance_uid=sop_uid, status=StoreStatus.DATASET_MISMATCH.name)
+        return _refuse(synced, StoreStatus.DATASET_MISMATCH)
+    except (InvalidDicomError, BytesLengthException, OSError, ValueError, KeyError,
+            AttributeError, TypeError, EOFError, RecursionError) as exc:
+        # pydicom's errors on a malformed header (RecursionError: sequences nested thousands
+        # of levels deep before (0020,000E)); named, so no traceback for a peer's bad data.
+        log.warning("instance_refused", reason=f"unreadable data set: {describe(exc)}",
+                    calling_ae=calling_ae, sop_instance_uid=sop_uid)
         return _refuse(synced)
     except Exception as exc:  # never let an exception reach pynetdicom
         log.exception("instance_refused", reason=f"unexpected: {exc!r}", calling_ae=calling_ae)
         return _refuse(synced)
 
     final_path = instance_path(config.spool_dir, study_uid, series_uid, sop_uid)
+    #: The spool had no copy of this instance before: one the index does not take is removed.
+    new_file = False
     try:
         synced.result()
         size = temp_path.stat().st_size
+        new_file = not final_path.exists()
         replaced = commit_file(temp_path, final_path, synced=True,
                                replace=config.node.on_duplicate == "replace")
         stored = record_instance(
@@ -140,10 +173,12 @@ def handle_store(event: Any, context: StoreContext) -> int:
                   study_uid=study_uid, sop_instance_uid=sop_uid)
         return StoreStatus.OUT_OF_RESOURCES
     except SQLAlchemyError as exc:
+        _drop_unindexed(final_path, new_file)
         log.error("instance_not_stored", reason=f"index commit failed: {type(exc).__name__}",
                   study_uid=study_uid, sop_instance_uid=sop_uid)
         return StoreStatus.OUT_OF_RESOURCES
     except Exception as exc:  # never let an exception reach pynetdicom
+        _drop_unindexed(final_path, new_file)
         log.exception("instance_not_stored", reason=f"unexpected: {exc!r}",
                       study_uid=study_uid, sop_instance_uid=sop_uid)
         return StoreStatus.PROCESSING_FAILURE

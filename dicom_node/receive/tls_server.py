@@ -12,8 +12,9 @@ later connection, forever. :class:`TlsAssociationServer` instead
   late handshake is logged (``tls_handshake_failed``: peer address, port, reason; at debug level
   when the peer only connected and closed, as TCP health checks do) and the connection closed;
   then the association starts as on a plain connection;
-- counts connections still in their handshake, so that ``node.max_connections``
-  (:mod:`dicom_node.receive.limits`) counts them too;
+- leaves the connections still in their handshake to the connection cap
+  (:mod:`dicom_node.receive.limits`), which counts them from accept, per host too, and may evict
+  them for a new connection; the association request's deadline starts when the handshake ends;
 - closes the connections still in their handshake when it shuts down, so that stopping the
   receiver does not wait for their deadline.
 
@@ -51,12 +52,6 @@ class TlsAssociationServer(ThreadedAssociationServer):
         self._handshaking: set[ssl.SSLSocket] = set()
         self._handshaking_lock = threading.Lock()
         super().__init__(*args, **kwargs)
-
-    @property
-    def handshakes_in_progress(self) -> int:
-        """Connections accepted whose handshake has not ended yet."""
-        with self._handshaking_lock:
-            return len(self._handshaking)
 
     def get_request(self) -> tuple[ssl.SSLSocket, Any]:
         """Accept a connection and wrap it, without a handshake (no I/O here)."""

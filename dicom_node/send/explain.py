@@ -136,3 +136,11 @@ def association_failure(assoc: Association, connected: bool, messages: list[str]
         return f"{service} was not accepted"
     last = f" ({messages[-1]})" if messages else ""
     return f"association aborted while it was negotiated{last}"
+
+
+def is_outage(reason: str) -> bool:
+    """Whether a reason from :func:`association_failure` means the destination could not be
+    reached (refused or timed-out connection, TLS handshake, rejection, abort: an outage to wait
+    out), rather than that it answered and accepted none of what was asked for (a refusal of
+    the objects, like a failure status)."""
+    return not reason.endswith(" was not accepted")

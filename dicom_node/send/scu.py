@@ -2,7 +2,11 @@
 
 A destination with a ``tls`` table is reached over DICOM TLS (:func:`dicom_node.tls.client_context`:
 the PACS's certificate verified, the node's own presented when configured); the handshake is part
-of connecting, and so bound by the destination's ``timeout_seconds``."""
+of connecting, and so bound by the destination's ``timeout_seconds``.
+
+A destination that cannot be reached (:func:`associate`), or that stops answering while the node
+sends (:attr:`SendReport.interrupted`), is an outage (:class:`DestinationUnreachable`, waited out
+by the job runner); an instance it answers with a failure status is a refusal of that object."""
 
 from __future__ import annotations
 
@@ -20,11 +24,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import tls
 from dicom_node.config import Destination
-from dicom_node.errors import ConfigError, SendError
+from dicom_node.errors import ConfigError, DestinationUnreachable, SendError
 from dicom_node.log import get_logger
 from dicom_node.receive.scp import set_nodelay
 from dicom_node.send.ae import ClientAE
-from dicom_node.send.explain import association_failure, join, peer_logs
+from dicom_node.send.explain import association_failure, is_outage, join, peer_logs
 
 log = get_logger()
 
@@ -39,6 +43,12 @@ class SendReport:
     sent: int
     failed: tuple[tuple[str, str], ...]  # (SOP Instance UID, reason)
     warnings: int
+    #: Why an association ended before every instance had its answer (aborted, or no answer
+    #: in time); None when every instance sent got one. Those failures are an outage.
+    interrupted: str | None = None
+    #: Failures that are the destination's answer: a failure status, or no presentation
+    #: context accepted for the object (a refusal of the object, not an outage).
+    refused: int = 0
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
@@ -67,9 +77,10 @@ def where(dest: Destination) -> str:
 
 
 def associate(ae: ClientAE, dest: Destination, service: str) -> Association:
-    """Open an association to ``dest``; SendError with the reason when it fails (connection
-    refused, TLS handshake, rejection and its reason, timeout: :mod:`dicom_node.send.explain`).
-    ``service`` names what was asked for, for a failure to negotiate any of it."""
+    """Open an association to ``dest``; DestinationUnreachable with the reason when it fails
+    (connection refused, TLS handshake, rejection and its reason, timeout, abort:
+    :mod:`dicom_node.send.explain`), SendError when the destination accepted none of
+    ``service`` (what was asked for) or the TLS files are gone."""
     try:
         tls_args = tls.tls_args(dest.tls, dest.host)
     except ConfigError as exc:  # a file changed or went away after the config was loaded
@@ -85,7 +96,8 @@ def associate(ae: ClientAE, dest: Destination, service: str) -> Association:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                                  tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
         except OSError as exc:  # the host name does not resolve
-            raise SendError(f"{dest.name}: {where(dest)}: cannot connect: {exc}") from None
+            raise DestinationUnreachable(
+                f"{dest.name}: {where(dest)}: cannot connect: {exc}") from None
         if not assoc.is_established:
             join(assoc)  # let pynetdicom finish with the socket, and log its last words
             ae.close_sockets()
@@ -96,7 +108,8 @@ def associate(ae: ClientAE, dest: Destination, service: str) -> Association:
                 # the connection after the handshake, when the A-ASSOCIATE-RQ is on its way
                 reason += ("; over TLS that is often the peer refusing the node's certificate "
                            "or its absence (destinations.tls.certificate)")
-            raise SendError(f"{dest.name}: {where(dest)}: {reason}")
+            error = DestinationUnreachable if is_outage(reason) else SendError
+            raise error(f"{dest.name}: {where(dest)}: {reason}")
     return assoc
 
 
@@ -110,37 +123,46 @@ def echo(dest: Destination, calling_ae: str) -> int:
     finally:
         assoc.release()
     if not status:
-        raise SendError(f"{dest.name}: no C-ECHO response (timeout or abort)")
+        raise DestinationUnreachable(f"{dest.name}: no C-ECHO response (timeout or abort)")
     return int(status.Status)
 
 
 def send_files(dest: Destination, files: Sequence[Path], calling_ae: str) -> SendReport:
     """C-STORE every file on one association per ≤128 presentation contexts.
 
-    Raises SendError when the destination cannot be reached; per-instance failures are returned
-    in the report so the caller decides (the job runner treats any failure as a failed attempt).
+    Raises SendError when the destination cannot be reached (DestinationUnreachable) or accepts
+    none of the SOP classes; per-instance failures are returned in the report so the caller
+    decides (the job runner waits out an interruption, and treats a refusal as a failed
+    attempt).
     """
     headers = []
     for path in files:
         ds = dcmread(path, stop_before_pixels=True)
         headers.append((path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                         str(ds.file_meta.TransferSyntaxUID)))
-    sent, warnings = 0, 0
-    failed: list[tuple[str, str]] = []
+    batches: list[list[tuple[Path, str, str, str]]] = []
     batch: list[tuple[Path, str, str, str]] = []
     contexts: set[tuple[str, str]] = set()
+    every_context: list[set[tuple[str, str]]] = []
     for header in headers:
         wanted = {(header[1], ts) for ts in _transfer_syntaxes(header[3])}
         if len(contexts | wanted) > MAX_CONTEXTS:
-            s, w, f = _send_batch(dest, batch, contexts, calling_ae)
-            sent, warnings, failed = sent + s, warnings + w, failed + f
+            batches.append(batch)
+            every_context.append(contexts)
             batch, contexts = [], set()
         batch.append(header)
         contexts |= wanted
     if batch:
-        s, w, f = _send_batch(dest, batch, contexts, calling_ae)
-        sent, warnings, failed = sent + s, warnings + w, failed + f
-    return SendReport(dest.name, sent, tuple(failed), warnings)
+        batches.append(batch)
+        every_context.append(contexts)
+    report = SendReport(dest.name, 0, (), 0)
+    for batch, contexts in zip(batches, every_context, strict=True):
+        part = _send_batch(dest, batch, contexts, calling_ae)
+        report = SendReport(dest.name, report.sent + part.sent, report.failed + part.failed,
+                            report.warnings + part.warnings,
+                            report.interrupted or part.interrupted,
+                            report.refused + part.refused)
+    return report
 
 
 def _transfer_syntaxes(file_ts: str) -> list[str]:
@@ -150,27 +172,32 @@ def _transfer_syntaxes(file_ts: str) -> list[str]:
 
 
 def _send_batch(dest: Destination, batch: Sequence[tuple[Path, str, str, str]],
-                contexts: set[tuple[str, str]], calling_ae: str
-                ) -> tuple[int, int, list[tuple[str, str]]]:
+                contexts: set[tuple[str, str]], calling_ae: str) -> SendReport:
     ae = make_ae(dest.calling_ae_title or calling_ae, dest.timeout_seconds)
     for sop_class, ts in sorted(contexts):
         ae.add_requested_context(sop_class, ts)
     assoc = associate(ae, dest, "none of the results' SOP classes in their transfer syntaxes")
-    sent, warnings = 0, 0
+    sent, warnings, refused = 0, 0, 0
+    interrupted: str | None = None
     failed: list[tuple[str, str]] = []
     try:
-        for path, _sop_class, sop_uid, _ts in batch:
+        for index, (path, _sop_class, sop_uid, _ts) in enumerate(batch):
             try:
                 status = assoc.send_c_store(path)
             except ValueError as exc:  # no accepted presentation context for this SOP class / TS
                 failed.append((sop_uid, f"not accepted by {dest.ae_title}: {exc}"))
+                refused += 1
                 continue
             if not assoc.is_established and not status:
-                failed.append((sop_uid, "association aborted"))
+                interrupted = (f"association aborted, or no answer within "
+                               f"{dest.timeout_seconds:g} s")
+                # this instance and the rest of the batch have no answer
+                failed += [(uid, interrupted) for _p, _c, uid, _t in batch[index:]]
                 break
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
-                failed.append((sop_uid, "no response (timeout or abort)"))
+                interrupted = "no response (timeout or abort)"
+                failed.append((sop_uid, interrupted))
             elif code == 0x0000:
                 sent += 1
             elif code in (0x0001, 0x0107, 0x0116) or code >> 12 == 0xB:
@@ -180,7 +207,8 @@ def _send_batch(dest: Destination, batch: Sequence[tuple[Path, str, str, str]],
                             status=f"0x{code:04X}")
             else:
                 failed.append((sop_uid, f"status 0x{code:04X}"))
+                refused += 1
     finally:
         if assoc.is_established:
             assoc.release()
-    return sent, warnings, failed
+    return SendReport(dest.name, sent, tuple(failed), warnings, interrupted, refused)

@@ -9,7 +9,8 @@ caps them across every worker sharing the database, on one machine or several:
   it opens an association, holds it while it sends, and frees it afterwards;
 - while all slots are taken it waits, checking every :data:`POLL_SECONDS` (``send_waiting`` once);
 - a slot is leased: its holder renews it every :data:`LEASE_SECONDS` / 3 while it sends, and the
-  slot of a worker that crashed is free again :data:`LEASE_SECONDS` after its last renewal.
+  slot of a worker that crashed is free again :data:`LEASE_SECONDS` after its last renewal, or at
+  once when a worker starting on the same machine proves its holder dead (:func:`release_dead`).
 
 Lowering ``max_associations`` by a reload takes effect as the slots above the new limit are freed.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,6 +95,29 @@ def release(sessions: sessionmaker[Session], destination: str, slot: int, holder
             .where(SendSlot.slot == slot).where(SendSlot.holder == holder)
             .values(holder=None, expires_at=None)
             .execution_options(synchronize_session=False))
+
+
+def release_dead(sessions: sessionmaker[Session], is_dead: Callable[[str], bool]
+                 ) -> list[tuple[str, int, str]]:
+    """Free, in one transaction, the slots whose holder ``is_dead`` (dicom_node.jobs.owners:
+    provably, on this machine), each by a conditional UPDATE; (destination, slot, holder) of
+    each slot freed."""
+    freed = []
+    with sessions.begin() as session:
+        rows = session.execute(select(SendSlot.destination, SendSlot.slot, SendSlot.holder)
+                               .where(SendSlot.holder.is_not(None))
+                               .order_by(SendSlot.destination, SendSlot.slot)).all()
+        for destination, slot, holder in rows:
+            if holder is None or not is_dead(holder):
+                continue
+            result: Any = session.execute(
+                update(SendSlot).where(SendSlot.destination == destination)
+                .where(SendSlot.slot == slot).where(SendSlot.holder == holder)
+                .values(holder=None, expires_at=None)
+                .execution_options(synchronize_session=False))
+            if result.rowcount == 1:
+                freed.append((destination, slot, holder))
+    return freed
 
 
 def held(session: Session, destination: str, now: datetime | None = None) -> int:

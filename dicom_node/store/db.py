@@ -132,6 +132,13 @@ class Job(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     #: What the job's result left out and why (instances set aside), revision 0005.
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Revision 0006 (dicom_node.send.outages): the destinations (comma separated) the job's
+    #: last try could not reach, and since when its tries have found one unreachable; None
+    #: while its deliveries are not waiting out an outage. Such a try spends no attempt.
+    awaiting_delivery_to: Mapped[str | None] = mapped_column(Text, nullable=True)
+    awaiting_delivery_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: Tries to deliver since ``awaiting_delivery_since`` (each found a destination unreachable).
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ScheduledStep(Base):
@@ -281,6 +288,27 @@ class SendSlot(Base):
     holder: Mapped[str | None] = mapped_column(String(160), nullable=True)
     #: A holder that crashed frees its slot at this time (the holder renews it while it sends).
     expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class DestinationOutage(Base):
+    """A destination that the workers cannot reach now (dicom_node.send.outages): one row per
+    outage, made by the first failed try (which logs ``destination_unreachable``) and deleted by
+    the first try that reaches it again (which logs ``destination_recovered``), whichever
+    worker or job made them. Revision 0006."""
+
+    __tablename__ = "destination_outages"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The first failed try of this outage.
+    since: Mapped[datetime] = mapped_column(DateTime)
+    #: The latest failed try, and why it failed.
+    last_failure_at: Mapped[datetime] = mapped_column(DateTime)
+    last_error: Mapped[str] = mapped_column(Text)
+    #: Failed tries during this outage, all workers and jobs together.
+    failures: Mapped[int] = mapped_column(Integer, default=1)
+    #: No worker tries the destination again before this: during an outage one try at a time,
+    #: at most one per jobs.retry_base_seconds, whatever the backlog; the other jobs wait.
+    next_try_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class CommitmentState(enum.StrEnum):

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, bindparam, func, select, text
+from sqlalchemy import Boolean, DateTime, bindparam, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,7 +44,7 @@ _INSERT_INSTANCE = text(
 ).bindparams(bindparam("now", type_=DateTime()))
 _UPDATE_INSTANCE = text(
     "UPDATE instances SET transfer_syntax_uid = :ts, size = :size, calling_ae_title = :aet, "
-    "received_at = :now, path = :path WHERE sop_instance_uid = :sop"
+    "received_at = :now, path = :path, set_aside_reason = NULL WHERE sop_instance_uid = :sop"
 ).bindparams(bindparam("now", type_=DateTime()))
 _TOUCH_STUDY = text(
     "UPDATE studies SET instance_count = instance_count + :added, "
@@ -165,12 +165,28 @@ def stable_studies(session: Session, stable_after: timedelta, now: datetime) -> 
 
 def study_instances(session: Session, study_uid: str) -> Sequence[Instance]:
     """The study's instances that have a file in the spool (retention empties the path of the
-    ones it deleted), by series, then as received."""
+    ones it deleted) and were not set aside as unreadable, by series, then as received."""
     return session.scalars(
         select(Instance).where(Instance.study_instance_uid == study_uid)
-        .where(Instance.path != "")
+        .where(Instance.path != "").where(Instance.set_aside_reason.is_(None))
         .order_by(Instance.series_instance_uid, Instance.received_at)
     ).all()
+
+
+def set_aside_instance(session: Session, sop_instance_uid: str, reason: str) -> None:
+    """Mark an acknowledged instance that later stages cannot read (store.readback.set_aside):
+    it is left out of summaries and job inputs until a new copy of it arrives."""
+    session.execute(update(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+                    .values(set_aside_reason=reason or "unreadable"))
+
+
+def set_aside_instances(session: Session, study_uid: str) -> dict[str, str]:
+    """SOP Instance UID → reason, for the study's set-aside instances."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.set_aside_reason)
+        .where(Instance.study_instance_uid == study_uid)
+        .where(Instance.set_aside_reason.is_not(None))).all()
+    return {row[0]: row[1] or "unreadable" for row in rows}
 
 
 def list_studies(session: Session, limit: int = 100) -> list[dict[str, Any]]:
@@ -181,16 +197,22 @@ def list_studies(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     studies = list(session.scalars(
         select(Study).order_by(Study.last_received_at.desc()).limit(limit)))
     orders = order_labels(session, {s.study_instance_uid for s in studies})
+    set_aside: dict[str, int] = {row[0]: row[1] for row in session.execute(
+        select(Instance.study_instance_uid, func.count())
+        .where(Instance.study_instance_uid.in_([s.study_instance_uid for s in studies]))
+        .where(Instance.set_aside_reason.is_not(None))
+        .group_by(Instance.study_instance_uid)).all()}
     for study in studies:
-        counts = dict(session.execute(
+        counts = {row[0]: row[1] for row in session.execute(
             select(Job.state, func.count()).where(
                 Job.study_instance_uid == study.study_instance_uid,
-                Job.generation == study.generation).group_by(Job.state)).tuples().all())
+                Job.generation == study.generation).group_by(Job.state)).all()}
         rows.append({
             "study_instance_uid": study.study_instance_uid, "state": study.state.value,
             "generation": study.generation, "instances": study.instance_count,
             "last_received_at": study.last_received_at.isoformat(timespec="seconds"),
             "jobs": {JobState(k).value: v for k, v in counts.items()},
             "order": orders.get(study.study_instance_uid, ""), "note": study.note or "",
+            "set_aside": set_aside.get(study.study_instance_uid, 0),
         })
     return rows
