@@ -282,7 +282,14 @@ def cmd_route(args: argparse.Namespace) -> int:
     target = Path(args.study)
     sessions = _sessions(config)
     if target.exists():
-        summary = summarize_files(expand_paths([target]), args.calling_ae or ())
+        from dicom_node.store.readback import describe
+
+        def left_out(path: str, exc: Exception) -> None:
+            print(f"left out {path}: {describe(exc)}")
+
+        summary = summarize_files(expand_paths([target]), args.calling_ae or (), left_out)
+        if summary.instance_count == 0:
+            raise DicomNodeError(f"{target}: no DICOM file that can be read")
     else:
         from dicom_node.complete import summarize_stored_study
 

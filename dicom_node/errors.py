@@ -9,6 +9,8 @@
     │   └── UnreadableInstanceError  a stored instance that later stages cannot read (set aside)
     ├── ModelError             a model could not be loaded or run
     │   └── PreprocessingError an image could not be turned into the model's input
+    │       └── UndecodableInstanceError  one instance's pixel data cannot be decoded (the job
+    │                                     sets it aside and runs on the others)
     ├── EncodeError            a result could not be encoded as valid DICOM
     ├── SendError              a destination refused, or could not be reached
     │   └── DestinationUnreachable  it could not be reached: refused connection, TLS handshake,
@@ -45,6 +47,15 @@ class ModelError(DicomNodeError):
 
 class PreprocessingError(ModelError):
     """An image could not be turned into the model's input."""
+
+
+class UndecodableInstanceError(PreprocessingError):
+    """One source instance's pixel data cannot be decoded (a corrupt compressed frame whose
+    fragments parse): the job sets that instance aside and runs its model on the others."""
+
+    def __init__(self, message: str, sop_instance_uid: str) -> None:
+        super().__init__(message)
+        self.sop_instance_uid = sop_instance_uid
 
 
 class EncodeError(DicomNodeError):

@@ -87,13 +87,28 @@ def summarize(study_uid: str, datasets: Iterable[Dataset], calling_aes: Iterable
 
 
 def summarize_files(paths: Sequence[Path], calling_aes: Iterable[str] = (),
-                    on_unreadable: Callable[[Dataset, Exception], None] | None = None
+                    on_unreadable: Callable[[str, Exception], None] | None = None
                     ) -> StudySummary:
-    """Summarize a study from files (headers only). Used by the dry-run on a folder."""
-    datasets = [dcmread(p, stop_before_pixels=True) for p in paths]
+    """Summarize a study from files (headers only). Used by the dry-run on a folder.
+
+    With ``on_unreadable``, a file that cannot be read or converted is left out and handed to it
+    (with its path); without, the error is raised."""
+    datasets = []
+    for path in paths:
+        try:
+            datasets.append(dcmread(path, stop_before_pixels=True))
+        except Exception as exc:  # any failure to read one file: left out, as in completion
+            if on_unreadable is None:
+                raise
+            on_unreadable(str(path), exc)
     study_uids = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
+
+    def unconvertible(ds: Dataset, exc: Exception) -> None:
+        assert on_unreadable is not None
+        on_unreadable(str(ds.filename), exc)
+
     return summarize(",".join(sorted(study_uids)), datasets, calling_aes,
-                     on_unreadable=on_unreadable)
+                     on_unreadable=None if on_unreadable is None else unconvertible)
 
 
 def _accepts(accepted: RegexMatch | str, found: str) -> bool:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
+from pynetdicom import AE
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
@@ -31,6 +36,7 @@ from dicom_node.receive.status import StoreStatus
 from dicom_node.store.db import Instance, Job, JobState, Study, StudyState, utcnow
 from dicom_node.store.index import reprocess
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
+from tests.ct_series import MODEL_DIR, write_chest_ct_series
 from tests.malformed import (
     UID_ROOT,
     Encoded,
@@ -293,3 +299,92 @@ def test_a_study_whose_completion_keeps_failing_logs_its_traceback_once(
     assert [("exc_info" in e, e.get("repeated", False)) for e in failed] == [
         (True, False), (False, True), (False, True)]
     assert failed[1]["log_level"] == "debug"
+
+
+def _corrupt_rle(path: Path) -> Dataset:
+    """The slice at ``path`` as RLE Lossless whose one fragment parses but does not decode: a
+    valid RLE header naming one segment, then too few bytes for the image."""
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    header = struct.pack("<16L", 1, 64, *([0] * 14))
+    ds.PixelData = encapsulate([header + b"\x7f\x00" * 32])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+@pytest.mark.slow
+def test_a_ct_slice_whose_pixels_cannot_be_decoded_is_set_aside_and_the_series_segmented(
+        tmp_path: Path, storescp: StoreSCP) -> None:
+    """The segmenter decodes each plane only when its chunk runs: an undecodable slice is found
+    mid-job, set aside, and the model runs again on the rest of the series in the same attempt."""
+    text = BASIC_CONFIG.format(port=free_port(), stable=1, node_extra="") + ROUTES.format(
+        pacs_port=storescp.port, model="lung-nodule-unet",
+        model_path=str(MODEL_DIR).replace("\\", "/"))
+    config = load_config(write_config(tmp_path, text))
+    files = write_chest_ct_series(tmp_path / "ct", slices=12, rows=128)
+    broken = _corrupt_rle(files[5])
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, RLELossless)
+    with running_receiver(config) as rx:
+        assert send_raw(rx.port, files[:5] + files[6:]) == [StoreStatus.SUCCESS] * 11
+        assoc = ae.associate("127.0.0.1", rx.port, ae_title="DICOM_NODE")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(broken).Status == StoreStatus.SUCCESS
+        finally:
+            assoc.release()
+        assert sweep_later(config, rx) == 1
+        sessions = rx.context.sessions
+        job = queue.claim(sessions, "test-worker", config.jobs)
+        assert job is not None
+        with capture_logs() as logs:
+            runner.run_job(config, sessions, job)
+        with sessions() as session:
+            row = session.scalars(select(Job)).one()
+            assert row.state == JobState.DONE, row.last_error
+            assert row.attempts == 1
+            assert row.note is not None and str(broken.SOPInstanceUID) in row.note
+            assert "cannot decode pixel data" in row.note
+    aside = [e for e in logs if e["event"] == "instance_set_aside"]
+    assert [e["sop_instance_uid"] for e in aside] == [str(broken.SOPInstanceUID)]
+    assert not [e for e in logs if "exception" in e or e.get("exc_info")]
+    received = [dcmread(p) for p in storescp.output_dir.rglob("*") if p.is_file()]
+    assert sorted(ds.Modality for ds in received) in (["SR"], ["SEG", "SR"])
+    referenced = {str(element.value) for ds in received for element in ds.iterall()
+                  if element.keyword == "ReferencedSOPInstanceUID"}
+    assert str(broken.SOPInstanceUID) not in referenced
+
+
+def test_route_dry_run_on_a_folder_leaves_out_unreadable_files_and_says_so(
+        tmp_path: Path) -> None:
+    config = routed_config(tmp_path)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    uids = Uids("17")
+    ct(uids, 1).write(folder / "good.dcm")
+    bad = ct(uids, 2)
+    bad.replace("Manufacturer", raw_element(tag_of("Manufacturer"), "FD", b"A" * 18))
+    bad.write(folder / "bad.dcm")
+    (folder / "notes.txt").write_text("not DICOM")
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "route", "--dry-run", str(folder),
+         "--config", str(config.source)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    left_out = sorted(line for line in result.stdout.splitlines() if line.startswith("left out"))
+    assert [line.split(":")[0] for line in left_out] == [
+        f"left out {folder / 'bad.dcm'}", f"left out {folder / 'notes.txt'}"]
+    assert "1 instance(s)" in result.stdout
+    assert "route 'images': FIRES" in result.stdout
+
+
+def test_route_dry_run_on_a_file_that_is_not_dicom_fails_with_a_clear_error(
+        tmp_path: Path) -> None:
+    config = routed_config(tmp_path)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "route", "--dry-run", str(tmp_path / "notes.txt"),
+         "--config", str(config.source)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert f"{tmp_path / 'notes.txt'}: no DICOM file that can be read" in result.stderr

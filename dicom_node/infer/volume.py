@@ -54,7 +54,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.pixels.utils import pixel_array
 
-from dicom_node.errors import PreprocessingError
+from dicom_node.errors import PreprocessingError, UndecodableInstanceError
 from dicom_node.messages import SourceFrame
 
 Floats = NDArray[np.float64]
@@ -281,8 +281,9 @@ def _pixels(ds: Dataset, index: int) -> NDArray[Any]:
         # not Dataset.pixel_array: the dataset would keep a decoded copy (256 CT slices: 134 MB)
         arr = np.asarray(pixel_array(ds, index=index) if n_frames > 1 else pixel_array(ds))
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
-        raise PreprocessingError(
-            f"{_describe(ds)}: cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+        raise UndecodableInstanceError(
+            f"{_describe(ds)}: cannot decode pixel data: {type(exc).__name__}: {exc}",
+            str(ds.get("SOPInstanceUID", ""))) from exc
     expected = (int(ds.Rows), int(ds.Columns))
     if arr.shape != expected:
         where = f"frame {index + 1} " if n_frames > 1 else ""

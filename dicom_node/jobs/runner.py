@@ -28,6 +28,7 @@ from dicom_node.errors import (
     ModelError,
     PreprocessingError,
     SendError,
+    UndecodableInstanceError,
     UnreadableInstanceError,
 )
 from dicom_node.jobs import queue
@@ -46,7 +47,7 @@ from dicom_node.send.scu import send_files, where
 from dicom_node.send.slots import send_slot
 from dicom_node.store.db import Instance, Job, JobState
 from dicom_node.store.index import set_aside_instances, study_instances
-from dicom_node.store.readback import read_instance, set_aside
+from dicom_node.store.readback import describe, read_instance, set_aside
 from dicom_node.store.spool import write_file
 from dicom_node.uids import validate_uid
 from dicom_node.worklist.match import order_for_study
@@ -110,6 +111,20 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     return sources
 
 
+def _set_aside_undecodable(sessions: sessionmaker[Session], job: ClaimedJob,
+                           exc: UndecodableInstanceError, sources: list[Dataset]) -> bool:
+    """Set aside the source instance whose pixel data the pipeline could not decode; False when
+    it is not one of this job's sources (then the error fails the attempt as before)."""
+    if exc.sop_instance_uid not in {str(ds.get("SOPInstanceUID", "")) for ds in sources}:
+        return False
+    with sessions.begin() as session:
+        instance = session.get(Instance, exc.sop_instance_uid)
+        if instance is None or instance.set_aside_reason is not None:
+            return False
+        set_aside(session, instance, describe(exc), stage=f"job {job.id}")
+    return True
+
+
 def _skipped(session: Session, study_uid: str, modalities: tuple[str, ...]) -> dict[str, str]:
     """The study's set-aside instances of the model's modalities: SOP Instance UID → reason."""
     reasons = set_aside_instances(session, study_uid)
@@ -153,15 +168,23 @@ def build_results(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
         bound.info("results_reused", files=len(existing))
         return existing, card.version, findings_from_json(
             (folder / FINDINGS_FILE).read_text(encoding="utf-8"))
-    sources = _load_sources(config, sessions, job, tuple(card.modalities),
-                            headers_only=card.kind == "report")
     with sessions() as session:
         prior = queue.sibling_findings(session, job)
         order = order_for_study(session, job.study_instance_uid)
-    output = run_pipeline(card, model_ref.path, PipelineInput(
-        study_instance_uid=job.study_instance_uid, generation=job.generation,
-        route_name=job.route_name, sources=tuple(sources), prior_findings=prior,
-        timestamp=job.created_at))
+    while True:
+        sources = _load_sources(config, sessions, job, tuple(card.modalities),
+                                headers_only=card.kind == "report")
+        try:
+            output = run_pipeline(card, model_ref.path, PipelineInput(
+                study_instance_uid=job.study_instance_uid, generation=job.generation,
+                route_name=job.route_name, sources=tuple(sources), prior_findings=prior,
+                timestamp=job.created_at))
+            break
+        except UndecodableInstanceError as exc:
+            # A corrupt compressed frame whose fragments parse (store.readback cannot see it
+            # without decoding every frame twice): set that instance aside, run on the others.
+            if not _set_aside_undecodable(sessions, job, exc, sources):
+                raise
     if not output.objects:
         raise ModelError(f"model {card.name} {card.version} produced no result object")
     bound.info("inference_done", kind=card.kind, objects=len(output.objects), **output.summary)
