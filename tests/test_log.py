@@ -108,3 +108,52 @@ def test_a_thread_crash_is_logged_and_still_handed_to_the_hook_installed_before(
     assert crashed["log_level"] == "error"
     [args] = restored_hooks
     assert args.exc_type is LookupError
+
+
+#: A worker's start of TensorFlow: its C++ core writes absl lines straight to fd 2.
+TENSORFLOW_START = """
+import os, threading
+os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+from dicom_node.log import configure_logging, get_logger
+from dicom_node.infer import runtime
+
+configure_logging("json", "debug", process="worker-1")
+get_logger().info("worker_started")
+runtime._keras()
+import tensorflow as tf
+tf.constant([1.0]) + 1.0
+get_logger().info("worker_stopped")
+"""
+
+
+def test_tensorflows_native_start_up_lines_become_json_events() -> None:
+    result = subprocess.run([sys.executable, "-c", TENSORFLOW_START], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]  # plain text fails
+    native = [e for e in events if e["event"] == "library_output"]
+    assert native, "TensorFlow printed nothing at start (oneDNN's notice expected on x86)"
+    assert all(e["library"] == "tensorflow" and e["process"] == "worker-1" for e in native)
+    onednn = [e for e in native if "oneDNN" in e["text"]]
+    assert onednn and all(e["source"].startswith("port.cc:") for e in onednn)
+    assert events[0]["event"] == "worker_started" and events[-1]["event"] == "worker_stopped"
+
+
+def test_captured_lines_keep_json_events_and_group_continuations(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.native_log import _emit
+
+    with capture_logs() as logs:
+        _emit("tensorflow", "\n".join([
+            "WARNING: All log messages before absl::InitializeLog() is called are written to "
+            "STDERR",
+            "I0000 00:00:1796705125.360519   21201 cpu_feature_guard.cc:227] This TensorFlow "
+            "binary is optimized",
+            "To enable the following instructions: AVX2 FMA, rebuild TensorFlow.",
+            '{"event": "lease_renewal_failed", "level": "warning"}',
+            "E0000 00:00:1.0   7 cuda_dnn.cc:8] Unable to register cuDNN factory",
+        ]))
+    assert [(e["log_level"], e.get("source")) for e in logs] == [
+        ("debug", None), ("info", "cpu_feature_guard.cc:227"), ("error", "cuda_dnn.cc:8")]
+    assert logs[1]["text"].endswith("AVX2 FMA, rebuild TensorFlow.")
+    assert capsys.readouterr().err == '{"event": "lease_renewal_failed", "level": "warning"}\n'

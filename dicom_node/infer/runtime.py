@@ -36,6 +36,7 @@ from dicom_node.errors import ModelError, PreprocessingError
 from dicom_node.infer.card import ClassifierCard, ModelCard
 from dicom_node.infer.preprocess import preprocess
 from dicom_node.messages import ClassificationResult, Finding
+from dicom_node.native_log import native_stderr_as_events
 
 log = structlog.get_logger(__name__)
 
@@ -52,12 +53,17 @@ def _keras() -> Any:
     global _devices_configured
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ info lines on stderr
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX: grow, don't grab
-    import keras
-
     with _lock:
-        if not _devices_configured:
+        if _devices_configured:
+            import keras
+
+            return keras
+        # The backend's C++ start-up lines (absl, CUDA) become JSON events (native_log.py).
+        with native_stderr_as_events(os.environ.get("KERAS_BACKEND", "tensorflow")):
+            import keras
+
             _configure_devices(keras.backend.backend())
-            _devices_configured = True
+        _devices_configured = True
     return keras
 
 
