@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +349,30 @@ def test_a_long_outage_is_waited_out_and_the_results_arrive_when_the_destination
                              destination="pacs") == 0, 10, "the outage gauge to clear")
     samples = metrics(http_port)
     assert value(samples, "dicom_node_jobs_awaiting_delivery", destination="pacs") == 0
+
+
+
+def test_when_a_try_reaches_the_destination_again_its_waiting_jobs_are_due_at_once(
+        node: Callable[..., tuple[Config, sessionmaker[Session]]], tmp_path: Path) -> None:
+    """Not at the end of their backoff, which after many tries is up to retry_max_seconds."""
+    port = free_port()
+    config, sessions = node(port, window=24.0)
+    _work(config, sessions, lambda j: j.delivery_attempts >= 1)  # refused: the outage begins
+    later = utcnow() + timedelta(hours=1)
+    with sessions.begin() as session:
+        session.scalars(select(Job)).one().not_before = later  # as after many tries
+    assert queue.claim(sessions, "worker-1", config.jobs) is None
+    pacs = StoreSCP(tmp_path / "pacs", ae_title="PACS", port=port).start()
+    try:
+        with capture_logs() as logs:
+            # another job's try answered by the destination (runner._reached does these two)
+            assert outages.note_reachable(sessions, "pacs")
+            woken = queue.wake_awaiting(sessions, "pacs")
+        assert woken == [_job(sessions).id]
+        assert len(_events(logs, "destination_recovered")) == 1
+        assert not outages.note_reachable(sessions, "pacs")  # ended once
+        job = _work(config, sessions, lambda j: j.state == JobState.DONE)
+        assert job.attempts == 1 and job.awaiting_delivery_to is None
+        assert len([p for p in pacs.output_dir.rglob("*") if p.is_file()]) == 1
+    finally:
+        pacs.stop()

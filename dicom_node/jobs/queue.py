@@ -354,6 +354,22 @@ def await_delivery(sessions: sessionmaker[Session], claimed: ClaimedJob,
         return DeliveryWait(job.state, job.delivery_attempts, since, job.not_before)
 
 
+def wake_awaiting(sessions: sessionmaker[Session], destination: str) -> list[int]:
+    """A destination's outage is over: the jobs waiting to deliver there are due now, not at
+    the end of their backoff (up to ``jobs.retry_max_seconds`` away). Their ids."""
+    now = utcnow()
+    with sessions.begin() as session:
+        waiting = session.execute(select(Job.id, Job.awaiting_delivery_to).where(
+            Job.state == JobState.PENDING, Job.awaiting_delivery_to.is_not(None),
+            Job.not_before > now)).all()
+        ids = [job_id for job_id, names in waiting if destination in _split(names)]
+        if ids:
+            session.execute(update(Job).where(
+                Job.id.in_(ids), Job.state == JobState.PENDING, Job.not_before > now)
+                .values(not_before=now).execution_options(synchronize_session=False))
+    return ids
+
+
 def _attempt_failed(session: Session, job: Job, error: str, jobs: JobsSection, now: datetime,
                     *, permanent: bool = False) -> None:
     if permanent or job.attempts >= jobs.max_attempts:

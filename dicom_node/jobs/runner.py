@@ -232,13 +232,13 @@ def _deliver(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
         except DestinationUnreachable:
             raise
         except SendError:  # it answered, and accepted none of the results' SOP classes
-            outages.note_reachable(sessions, dest.name)
+            _reached(sessions, dest.name, bound)
             raise
         if report.failed and report.interrupted is not None and not report.refused:
             raise DestinationUnreachable(
                 f"{dest.name}: {where(dest)}: {report.interrupted} ({len(report.failed)} of "
                 f"{len(files)} instance(s) unanswered)")
-        outages.note_reachable(sessions, dest.name)  # it answered: any outage is over
+        _reached(sessions, dest.name, bound)  # it answered: any outage is over
         if report.failed:
             reasons = "; ".join(f"{uid}: {why}" for uid, why in report.failed[:3])
             raise SendError(f"{dest.name}: {len(report.failed)} of {len(files)} instance(s) "
@@ -254,6 +254,14 @@ def _deliver(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,
     bound.info("commitment_requested", destination=dest.name, transaction_uid=requested[0],
                instances=requested[1], timeout_minutes=dest.commitment_timeout_minutes)
     return True
+
+
+def _reached(sessions: sessionmaker[Session], destination: str, bound: Any) -> None:
+    """The destination answered: if that ends its outage, the jobs waiting for it go now."""
+    if outages.note_reachable(sessions, destination):
+        woken = queue.wake_awaiting(sessions, destination)
+        if woken:
+            bound.info("deliveries_resumed", destination=destination, jobs=len(woken))
 
 
 def _await_delivery(config: Config, sessions: sessionmaker[Session], job: ClaimedJob,

@@ -109,25 +109,26 @@ def note_unreachable(sessions: sessionmaker[Session], destination: str, reason: 
 
 
 def note_reachable(sessions: sessionmaker[Session], destination: str,
-                   now: datetime | None = None) -> None:
+                   now: datetime | None = None) -> bool:
     """A try reached ``destination``: end its outage, if it had one (the try that ends it logs
-    ``destination_recovered``)."""
+    ``destination_recovered`` and gets True)."""
     now = now or utcnow()
     with sessions.begin() as session:
         row = session.get(DestinationOutage, destination)
         if row is None:
-            return
+            return False
         outage = _outage(row)
         result: Any = session.execute(
             delete(DestinationOutage).where(DestinationOutage.destination == destination)
             .where(DestinationOutage.since == outage.since)
             .execution_options(synchronize_session=False))
         if not result.rowcount:
-            return
+            return False
     log.info("destination_recovered", destination=destination,
              since=outage.since.isoformat(timespec="seconds") + "Z",
              outage_seconds=round((now - outage.since).total_seconds(), 1),
              failed_tries=outage.failures)
+    return True
 
 
 def current(session: Session) -> Mapping[str, Outage]:
