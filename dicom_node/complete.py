@@ -17,7 +17,8 @@ complete?"):
    what arrived, with a warning. ``dicom-node reprocess`` forces an incomplete study through.
 
 Each study is matched to its worklist order (dicom_node.worklist.match) before it is routed, so
-routes can match on the order.
+routes can match on the order; after a worklist outage, :func:`catch_up` matches the studies
+completed meanwhile and queues the order routes that fire for them.
 
 An instance that arrives after its study was processed reopens it (see store.index): the study goes
 back to ``receiving`` with its generation incremented, becomes complete again once stable, and is
@@ -41,6 +42,7 @@ from dicom_node.jobs.queue import create_jobs
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
 from dicom_node.mpps.status import FINAL_STATUSES, StepStatus
+from dicom_node.mpps.store import performed_steps_for_study
 from dicom_node.route import RouteDecision, route_study, summarize
 from dicom_node.store.db import (
     Instance,
@@ -48,6 +50,7 @@ from dicom_node.store.db import (
     PerformedStep,
     PerformedStudy,
     Study,
+    StudyOrder,
     StudyState,
     utcnow,
 )
@@ -161,8 +164,6 @@ def judge(session: Session, config: Config, study_uid: str, *, stable: bool,
     missing: list[str] = []
     counted = []
     if config.mpps is not None and config.mpps.enabled:
-        from dicom_node.mpps.store import performed_steps_for_study
-
         stale = timedelta(seconds=config.mpps.in_progress_timeout_seconds)
         quiet_for = config.mpps.unlisted_series_quiet_seconds
         for step in performed_steps_for_study(session, study_uid):
@@ -420,3 +421,26 @@ def route_late_order(config: Config, sessions: sessionmaker[Session], study_uid:
                        models=list(decision.route.models), send_to=list(decision.route.send_to),
                        reasons=list(decision.reasons), catch_up=True)
     return True
+
+
+def catch_up(config: Config, sessions: sessionmaker[Session], since: datetime) -> int:
+    """After a worklist outage: match the studies completed since ``since`` that have no order,
+    and queue the jobs of order-based routes that fire now (image-tag routes already ran).
+
+    The receiver's worklist poll calls it when an outage ends (``WorklistPoller``, given it by
+    the scheduler). Returns how many studies were matched."""
+    if config.worklist is None or not config.worklist.enabled:
+        return 0
+    with sessions() as session:
+        uids = list(session.scalars(
+            select(Study.study_instance_uid)
+            .outerjoin(StudyOrder, StudyOrder.study_instance_uid == Study.study_instance_uid)
+            .where(StudyOrder.study_instance_uid.is_(None))
+            .where(Study.state.in_([StudyState.ROUTED, StudyState.UNROUTED, StudyState.DONE,
+                                    StudyState.FAILED]))
+            .where(Study.completed_at >= since)))
+    matched = 0
+    for uid in uids:
+        if route_late_order(config, sessions, uid):
+            matched += 1
+    return matched

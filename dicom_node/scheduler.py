@@ -52,7 +52,7 @@ class ReceiverScheduler:
                  check_config: Callable[[], object] | None = None) -> None:
         self.config = config
         self.sessions = sessions
-        self.worklist = WorklistPoller(sessions)
+        self.worklist = WorklistPoller(sessions, complete.catch_up)
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(self._sweep, "interval", id="completion_sweep",
                                 seconds=config.completion.sweep_interval_seconds,

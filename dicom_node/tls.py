@@ -28,7 +28,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -36,11 +36,44 @@ from cryptography.hazmat.primitives import serialization
 
 from dicom_node.errors import ConfigError
 
-if TYPE_CHECKING:
-    from dicom_node.config import ClientTlsSection, NodeTlsSection
-
 #: ``min_version`` values of the config → the protocol version.
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+# The settings the contexts are built from, as the config's sections hold them
+# (config.NodeTlsSection, config.ClientTlsSection). Described here rather than imported: the
+# config validates its sections by building their contexts, so it imports this module, and this
+# module does not import the config back.
+
+
+class ServerTlsSettings(Protocol):
+    """What :func:`server_context` reads (``[node.tls]``)."""
+
+    @property
+    def certificate(self) -> Path: ...
+    @property
+    def private_key(self) -> Path: ...
+    @property
+    def ca_certificates(self) -> Path | None: ...
+    @property
+    def require_client_certificate(self) -> bool: ...
+    @property
+    def min_version(self) -> str: ...
+
+
+class ClientTlsSettings(Protocol):
+    """What :func:`client_context` reads (``[[destinations]].tls``, ``[worklist.tls]``)."""
+
+    @property
+    def ca_certificates(self) -> Path | None: ...
+    @property
+    def certificate(self) -> Path | None: ...
+    @property
+    def private_key(self) -> Path | None: ...
+    @property
+    def verify_hostname(self) -> bool: ...
+    @property
+    def min_version(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -122,7 +155,7 @@ def _load_trust(context: ssl.SSLContext, ca_certificates: Path) -> None:
                           f"{_ssl_reason(exc)}") from None
 
 
-def server_context(section: NodeTlsSection) -> ssl.SSLContext:
+def server_context(section: ServerTlsSettings) -> ssl.SSLContext:
     """The receiver's context for ``[node.tls]``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_VERSIONS[section.min_version]
@@ -138,7 +171,7 @@ def server_context(section: NodeTlsSection) -> ssl.SSLContext:
     return context
 
 
-def client_context(section: ClientTlsSection) -> ssl.SSLContext:
+def client_context(section: ClientTlsSettings) -> ssl.SSLContext:
     """The context of an association the node opens (a destination, the worklist)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the peer's certificate
     context.minimum_version = MIN_VERSIONS[section.min_version]
@@ -152,7 +185,7 @@ def client_context(section: ClientTlsSection) -> ssl.SSLContext:
     return context
 
 
-def tls_args(section: ClientTlsSection | None, host: str
+def tls_args(section: ClientTlsSettings | None, host: str
              ) -> tuple[ssl.SSLContext, str] | None:
     """pynetdicom's ``tls_args`` for an association to ``host`` (None: plain TCP)."""
     return None if section is None else (client_context(section), host)

@@ -7,4 +7,5 @@ scripts/setup.sh test
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/ruff check dicom_node tests bench models
 .venv/bin/mypy
+.venv/bin/lint-imports
 .venv/bin/pytest "$@"

@@ -27,6 +27,7 @@ from pynetdicom import AE
 from sqlalchemy import select, text, update
 from structlog.testing import capture_logs
 
+from dicom_node import complete
 from dicom_node.config import Config, HttpSection, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.jobs.queue import create_jobs
@@ -246,7 +247,7 @@ def test_worklist_gauges_show_the_receivers_last_successful_poll(tmp_path: Path)
     config = _config(tmp_path, extra=WORKLIST)
     assert config.http is not None
     with running_receiver(config) as rx:
-        poller = WorklistPoller(rx.context.sessions)
+        poller = WorklistPoller(rx.context.sessions, complete.catch_up)
         monitor = MonitorServer(config.http, rx, poller)
         assert monitor.start()
         try:

@@ -16,11 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
+from dicom_node import complete
 from dicom_node.config import Config, WorklistSection, load_config
 from dicom_node.errors import WorklistError
 from dicom_node.scheduler import ReceiverScheduler
 from dicom_node.store.db import ScheduledStep, make_engine, make_sessionmaker
-from dicom_node.worklist import match
 from dicom_node.worklist.order import item_from_json, step_key
 from dicom_node.worklist.query import query_worklist
 from dicom_node.worklist.refresh import WorklistPoller, refresh
@@ -250,7 +250,7 @@ def test_outage_is_logged_once_then_restored_with_the_items_stored(worklist_scp:
     worklist_scp.add("chest", accession="ACC7", patient_id="PID7777")
     config = _config(tmp_path, worklist_scp.section())
     sessions = _sessions(config)
-    poller = WorklistPoller(sessions)
+    poller = WorklistPoller(sessions, complete.catch_up)
     worklist_scp.stop()
 
     with capture_logs() as logs:
@@ -280,7 +280,7 @@ def test_outage_is_logged_once_then_restored_with_the_items_stored(worklist_scp:
 def test_second_outage_is_logged_again_and_polls_between_stay_quiet(
         worklist_scp: WorklistSCP, tmp_path: Path) -> None:
     config = _config(tmp_path, worklist_scp.section())
-    poller = WorklistPoller(_sessions(config))
+    poller = WorklistPoller(_sessions(config), complete.catch_up)
 
     with capture_logs() as logs:
         poller.poll(config, now=T0)
@@ -305,7 +305,7 @@ def test_poll_does_not_raise_when_the_database_fails(worklist_scp: WorklistSCP,
     config = _config(tmp_path, worklist_scp.section())
     engine = make_engine(config.database.url)
     ScheduledStep.__table__.drop(engine)  # type: ignore[attr-defined]
-    poller = WorklistPoller(make_sessionmaker(engine))
+    poller = WorklistPoller(make_sessionmaker(engine), complete.catch_up)
 
     with capture_logs() as logs:
         outcome = poller.poll(config)
@@ -316,18 +316,17 @@ def test_poll_does_not_raise_when_the_database_fails(worklist_scp: WorklistSCP,
 
 
 def test_catch_up_failure_after_an_outage_is_logged_not_raised(
-        worklist_scp: WorklistSCP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        worklist_scp: WorklistSCP, tmp_path: Path) -> None:
     worklist_scp.add("chest")
     config = _config(tmp_path, worklist_scp.section())
-    poller = WorklistPoller(_sessions(config))
-    worklist_scp.stop()
-    poller.poll(config, now=T0)
-    worklist_scp.start()
 
     def failing_catch_up(*_args: Any, **_kwargs: Any) -> int:
         raise RuntimeError("the matcher broke")
 
-    monkeypatch.setattr(match, "catch_up", failing_catch_up)
+    poller = WorklistPoller(_sessions(config), failing_catch_up)
+    worklist_scp.stop()
+    poller.poll(config, now=T0)
+    worklist_scp.start()
     with capture_logs() as logs:
         outcome = poller.poll(config, now=T0 + timedelta(minutes=1))
 

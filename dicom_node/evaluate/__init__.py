@@ -17,32 +17,18 @@ report      ``cases.jsonl``: per line one case's findings, study        consiste
 ==========  ==========================================================  =========================
 
 Modules: :mod:`.classifier`, :mod:`.segmenter`, :mod:`.enhancer`, :mod:`.report` (one per kind),
-:mod:`.metrics` (numpy), :mod:`.plots` (matplotlib, Agg), :mod:`.progress` (rich, on stderr).
+:mod:`.metrics` (numpy), :mod:`.plots` (matplotlib, Agg), :mod:`.progress` (rich, on stderr),
+:mod:`.common` (the :class:`~dicom_node.evaluate.common.Report` every kind returns, its header).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dicom_node.errors import DicomNodeError
+from dicom_node.evaluate.common import Report
 from dicom_node.infer.card import ModelCard
-
-
-@dataclass(frozen=True)
-class Report:
-    """What an evaluation found."""
-
-    #: The table printed on stdout.
-    text: str
-    #: Every compared metric within its tolerance of the card's (True when nothing to compare).
-    agrees: bool
-    #: Everything measured, as written to metrics.json.
-    metrics: dict[str, Any] = field(default_factory=dict)
-    #: Files written under --out.
-    files: tuple[Path, ...] = ()
 
 
 def evaluate(card: ModelCard, model_dir: Path, data: Path, out: Path | None = None, *,
@@ -89,19 +75,3 @@ def evaluate(card: ModelCard, model_dir: Path, data: Path, out: Path | None = No
     return Report(report.text + f"\nwrote {path}"
                   + "".join(f"\nwrote {f}" for f in report.files),
                   report.agrees, report.metrics, (path, *report.files))
-
-
-def header(card: ModelCard, data: Path, cases: int, skipped: list[str]) -> list[str]:
-    """The first lines of every report: model, data, cases, what the card measured on."""
-    lines = [f"{card.name} {card.version} ({card.kind}) on {data}: {cases} case(s)"
-             + (f", {len(skipped)} skipped" if skipped else "")]
-    lines += [f"  skipped: {reason}" for reason in skipped[:10]]
-    if len(skipped) > 10:
-        lines.append(f"  … and {len(skipped) - 10} more")
-    measured = card.metrics if card.kind != "report" else getattr(card, "evaluation", None)
-    if measured is not None:
-        lines.append(f"card: {measured.split}, {measured.samples} samples")
-    else:
-        lines.append("card: no [evaluation] to compare with" if card.kind == "report" else
-                     "card: no [metrics] to compare with")
-    return lines

@@ -25,7 +25,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import DicomNodeError, ModelError, PreprocessingError
-from dicom_node.evaluate import Report, header
+from dicom_node.evaluate.common import Report, header
 from dicom_node.evaluate.metrics import (
     RATES,
     TOLERANCE_FLOOR,

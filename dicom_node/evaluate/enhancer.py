@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
 
 from dicom_node.errors import DicomNodeError, ModelError
-from dicom_node.evaluate import Report, header
+from dicom_node.evaluate.common import Report, header
 from dicom_node.evaluate.metrics import Z
 from dicom_node.evaluate.progress import progress_bar
 from dicom_node.infer.card import EnhancerCard, ModelCard

@@ -52,7 +52,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dicom_node.errors import DicomNodeError, ModelError
-from dicom_node.evaluate import Report, header
+from dicom_node.evaluate.common import Report, header
 from dicom_node.evaluate.metrics import TOLERANCE_FLOOR, Z
 from dicom_node.evaluate.progress import progress_bar
 from dicom_node.infer.card import ModelCard, ReportCard, ReportEvaluation

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import DicomNodeError, ModelError, PreprocessingError
-from dicom_node.evaluate import Report, header
+from dicom_node.evaluate.common import Report, header
 from dicom_node.evaluate.metrics import TOLERANCE_FLOOR, Z, dice
 from dicom_node.evaluate.progress import progress_bar
 from dicom_node.infer.card import ModelCard, SegmenterCard

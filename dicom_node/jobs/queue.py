@@ -41,7 +41,7 @@ from dicom_node.store.db import (
     StudyState,
     utcnow,
 )
-from dicom_node.worklist.match import order_labels
+from dicom_node.store.index import order_labels
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from dicom_node.store.db import (
     Job,
     JobState,
     PurgedStudy,
+    ScheduledStep,
     Study,
+    StudyOrder,
     StudyState,
     utcnow,
 )
@@ -189,10 +191,20 @@ def set_aside_instances(session: Session, study_uid: str) -> dict[str, str]:
     return {row[0]: row[1] or "unreadable" for row in rows}
 
 
+def order_labels(session: Session, study_uids: set[str]) -> dict[str, str]:
+    """Study UID → "<match rule> <accession number>" of its matched worklist order (the
+    ``order`` column of `dicom-node studies` and `dicom-node jobs`)."""
+    if not study_uids:
+        return {}
+    rows = session.execute(
+        select(StudyOrder.study_instance_uid, StudyOrder.method, ScheduledStep.accession_number)
+        .join(ScheduledStep, ScheduledStep.id == StudyOrder.step_id)
+        .where(StudyOrder.study_instance_uid.in_(sorted(study_uids)))).all()
+    return {uid: f"{method} {accession or '(no accession)'}" for uid, method, accession in rows}
+
+
 def list_studies(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     """Studies with their state and job counts, newest first (for `dicom-node studies`)."""
-    from dicom_node.worklist.match import order_labels
-
     rows = []
     studies = list(session.scalars(
         select(Study).order_by(Study.last_received_at.desc()).limit(limit)))

@@ -14,7 +14,10 @@ The order of the rules is fixed and documented (docs/worklist.md):
 Under rules 1 and 2 a request can hold several scheduled steps (e.g. CT and a reconstruction
 step); the step of the study's modality is taken, then the earliest scheduled.
 
-The match is kept in ``study_orders``; results read it back with :func:`order_for_study`.
+The match is kept in ``study_orders``; results read it back with :func:`order_for_study`. The
+catch-up after a worklist outage (``complete.catch_up``) and the order column of the listings
+(``store.index.order_labels``) live with the code that runs them, so that this module imports
+neither the completion nor the queue.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from dicom_node.config import Config
 from dicom_node.log import get_logger
 from dicom_node.messages import StudySummary
-from dicom_node.store.db import ScheduledStep, Study, StudyOrder, StudyState, utcnow
+from dicom_node.store.db import ScheduledStep, StudyOrder, utcnow
 from dicom_node.worklist.order import Order, step_order
 
 log = get_logger()
@@ -120,37 +123,3 @@ def order_for_study(session: Session, study_uid: str) -> Order | None:
         return None
     return step_order(step, row.method)
 
-
-def catch_up(config: Config, sessions: sessionmaker[Session], since: datetime) -> int:
-    """After a worklist outage: match the studies completed since ``since`` that have no order,
-    and queue the jobs of order-based routes that fire now (image-tag routes already ran).
-
-    Returns how many studies were matched."""
-    from dicom_node.complete import route_late_order
-
-    if config.worklist is None or not config.worklist.enabled:
-        return 0
-    with sessions() as session:
-        uids = list(session.scalars(
-            select(Study.study_instance_uid)
-            .outerjoin(StudyOrder, StudyOrder.study_instance_uid == Study.study_instance_uid)
-            .where(StudyOrder.study_instance_uid.is_(None))
-            .where(Study.state.in_([StudyState.ROUTED, StudyState.UNROUTED, StudyState.DONE,
-                                    StudyState.FAILED]))
-            .where(Study.completed_at >= since)))
-    matched = 0
-    for uid in uids:
-        if route_late_order(config, sessions, uid):
-            matched += 1
-    return matched
-
-
-def order_labels(session: Session, study_uids: set[str]) -> dict[str, str]:
-    """Study UID → "<match rule> <accession number>" of its matched worklist order."""
-    if not study_uids:
-        return {}
-    rows = session.execute(
-        select(StudyOrder.study_instance_uid, StudyOrder.method, ScheduledStep.accession_number)
-        .join(ScheduledStep, ScheduledStep.id == StudyOrder.step_id)
-        .where(StudyOrder.study_instance_uid.in_(sorted(study_uids)))).all()
-    return {uid: f"{method} {accession or '(no accession)'}" for uid, method, accession in rows}

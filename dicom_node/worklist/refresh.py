@@ -5,7 +5,9 @@
 ``worklist.keep_days``. :func:`refresh` is one query and store, as ``dicom-node worklist`` runs
 it. :class:`WorklistPoller` is the scheduled poll of the receiver: it never raises, logs an
 outage once (``worklist_unreachable``) and its end once (``worklist_restored``), and after an
-outage matches the studies that completed without their order (``worklist.match.catch_up``).
+outage matches the studies that completed without their order (the ``catch_up`` it is given:
+``complete.catch_up``, passed in by the scheduler, so that the worklist stage never imports the
+completion that imports it).
 
 The network query runs before the database session opens, so a slow RIS never holds a
 transaction; the upsert and the prune are one short transaction. Plain SQLAlchemy ORM and Core
@@ -15,7 +17,7 @@ statements only: SQLite and PostgreSQL behave the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -37,6 +39,9 @@ log = get_logger()
 
 #: Keys looked up per SELECT … IN (…) (well below SQLite's and PostgreSQL's parameter limits).
 _CHUNK = 500
+
+#: The catch-up run when an outage ends: (config, sessions, since) → studies matched.
+CatchUp = Callable[[Config, sessionmaker[Session], datetime], int]
 
 
 @dataclass(frozen=True)
@@ -187,11 +192,12 @@ class WorklistPoller:
     debug level (``worklist_still_unreachable``). The successful poll that ends it logs
     ``worklist_restored`` and then runs the catch-up: the studies completed since the last
     successful poll before the outage (or since the outage began, when this process had none)
-    that have no order are matched again.
+    that have no order are matched again, by ``catch_up`` (``complete.catch_up`` in the receiver).
     """
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], catch_up: CatchUp) -> None:
         self.sessions = sessions
+        self.catch_up = catch_up
         #: When the current outage's first failed poll began (None: no outage).
         self.outage_started_at: datetime | None = None
         self.failed_polls = 0
@@ -247,9 +253,7 @@ class WorklistPoller:
 
     def _catch_up(self, config: Config, since: datetime) -> int | None:
         try:
-            from dicom_node.worklist.match import catch_up
-
-            matched = catch_up(config, self.sessions, since=since)
+            matched = self.catch_up(config, self.sessions, since)
         except Exception:  # the orders are stored; the studies wait for a reprocess
             log.exception("worklist_catch_up_failed", since=since.isoformat())
             return None
