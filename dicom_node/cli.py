@@ -23,8 +23,6 @@ evaluate      reproduce a model card's metrics on labelled data (``evaluate MODE
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,15 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
-from dicom_node.log import configure_logging
-
-DEFAULT_CONFIG = os.environ.get("DICOM_NODE_CONFIG", "config.toml")
-
-
-def _load(args: argparse.Namespace, process: str | None = None) -> Config:
-    config = load_config(args.config)
-    configure_logging(config.logging.format, config.logging.level, process=process)
-    return config
+from dicom_node.output import CONFIG_HELP, DEFAULT_CONFIG, print_rows, set_up_command
 
 
 def validate_models(config: Config) -> list[str]:
@@ -89,7 +79,7 @@ def refuse_half_installed(config: Config) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.processes import serve
 
-    config = _load(args, "supervisor")
+    config = set_up_command(args.config, process="supervisor")
     problems = validate_models(config)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -100,14 +90,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_receive(args: argparse.Namespace) -> int:
     from dicom_node.processes import run_receiver
 
-    run_receiver(_load(args, "receiver"))
+    run_receiver(set_up_command(args.config, process="receiver"))
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.processes import run_worker
 
-    config = _load(args, args.name or "worker")
+    config = set_up_command(args.config, process=args.name or "worker")
     refuse_half_installed(config)
     run_worker(config, args.name)
     return 0
@@ -124,7 +114,7 @@ def _destination(config: Config, name: str) -> Any:
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.send.scu import echo, where
 
-    config = _load(args)
+    config = set_up_command(args.config)
     dest = _destination(config, args.destination)
     status = echo(dest, config.node.ae_title)
     print(f"{dest.name} ({where(dest)}): C-ECHO status 0x{status:04X}")
@@ -134,7 +124,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from dicom_node.send.scu import expand_paths, send_files
 
-    config = _load(args)
+    config = set_up_command(args.config)
     dest = _destination(config, args.to)
     files = expand_paths(Path(p) for p in args.paths)
     report = send_files(dest, files, config.node.ae_title)
@@ -143,20 +133,6 @@ def cmd_send(args: argparse.Namespace) -> int:
     for uid, reason in report.failed:
         print(f"  failed {uid}: {reason}", file=sys.stderr)
     return 0 if not report.failed else 1
-
-
-def _print_rows(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        print("(none)")
-        return
-    table = [[str(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
 
 
 def _sessions(config: Config) -> Any:
@@ -168,20 +144,20 @@ def _sessions(config: Config) -> Any:
 def cmd_studies(args: argparse.Namespace) -> int:
     from dicom_node.store.index import list_studies
 
-    config = _load(args)
+    config = set_up_command(args.config)
     with _sessions(config)() as session:
         rows = list_studies(session, args.limit)
     for row in rows:
         row["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(row["jobs"].items())) or "-"
-    _print_rows(rows, ["study_instance_uid", "state", "generation", "instances", "set_aside",
-                       "last_received_at", "jobs", "order", "note"], args.json)
+    print_rows(rows, ["study_instance_uid", "state", "generation", "instances", "set_aside",
+                      "last_received_at", "jobs", "order", "note"], args.json)
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dicom_node.jobs import queue
 
-    config = _load(args)
+    config = set_up_command(args.config)
     sessions = _sessions(config)
     if args.action == "retry":
         retried = queue.retry(sessions, args.ids or None)
@@ -189,39 +165,39 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     with sessions() as session:
         rows = queue.list_jobs(session, args.state, args.limit)
-    _print_rows(rows, ["id", "study_instance_uid", "generation", "route", "model",
-                       "model_version", "state", "attempts", "delivered", "awaiting_delivery",
-                       "order", "last_error", "note"], args.json)
+    print_rows(rows, ["id", "study_instance_uid", "generation", "route", "model",
+                      "model_version", "state", "attempts", "delivered", "awaiting_delivery",
+                      "order", "last_error", "note"], args.json)
     return 0
 
 
 def cmd_commitments(args: argparse.Namespace) -> int:
     from dicom_node.commitment.store import list_commitments
 
-    config = _load(args)
+    config = set_up_command(args.config)
     states = ([args.state] if args.state else [] if args.all
               else ["requested", "failed", "timed_out"])
     with _sessions(config)() as session:
         rows = list_commitments(session, states, args.limit)
-    _print_rows(rows, ["id", "job_id", "study_instance_uid", "destination", "delivery", "state",
-                       "instances", "requested_at", "deadline", "reported_at", "note"],
-                args.json)
+    print_rows(rows, ["id", "job_id", "study_instance_uid", "destination", "delivery", "state",
+                      "instances", "requested_at", "deadline", "reported_at", "note"],
+               args.json)
     return 0
 
 
 def cmd_mpps(args: argparse.Namespace) -> int:
     from dicom_node.mpps.store import list_performed_steps
 
-    config = _load(args)
+    config = set_up_command(args.config)
     with _sessions(config)() as session:
         rows = list_performed_steps(session, args.limit)
     for row in rows:
         row["study_uids"] = ",".join(row["study_uids"])
         for key in ("created_at", "updated_at"):
             row[key] = row[key].isoformat(timespec="seconds")
-    _print_rows(rows, ["sop_instance_uid", "status", "modality", "station_ae_title",
-                       "study_uids", "series", "instances", "updated_at",
-                       "discontinuation_reason"], args.json)
+    print_rows(rows, ["sop_instance_uid", "status", "modality", "station_ae_title",
+                      "study_uids", "series", "instances", "updated_at",
+                      "discontinuation_reason"], args.json)
     return 0
 
 
@@ -229,7 +205,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     from dicom_node.complete import force
     from dicom_node.store.index import reprocess
 
-    config = _load(args)
+    config = set_up_command(args.config)
     sessions = _sessions(config)
     forced = [uid for uid in args.studies if force(config, sessions, uid)]
     done, purged = reprocess(sessions, [uid for uid in args.studies if uid not in forced])
@@ -246,7 +222,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from dicom_node.retention import GRACE_SECONDS, Retention
 
-    config = _load(args)
+    config = set_up_command(args.config)
     section = config.retention
     if section is None or not section.enabled:
         print("retention is off: no [retention] section (or enabled = false) in the config; "
@@ -261,8 +237,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
              "last_activity": c.last_activity.isoformat(timespec="seconds") + "Z",
              "files": c.files, "mb": round(c.bytes / 1e6, 1), "reason": c.reason}
             for c in report.purged]
-    _print_rows(rows, ["study_instance_uid", "state", "last_activity", "files", "mb", "reason"],
-                args.json)
+    print_rows(rows, ["study_instance_uid", "state", "last_activity", "files", "mb", "reason"],
+               args.json)
     if not args.json:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{verb} {len(report.purged)} study(ies), {report.files} file(s), "
@@ -278,7 +254,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from dicom_node.worklist.match import find_step
     from dicom_node.worklist.order import Order, step_order
 
-    config = _load(args)
+    config = set_up_command(args.config)
     target = Path(args.study)
     sessions = _sessions(config)
     if target.exists():
@@ -328,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", default=DEFAULT_CONFIG,
-                       help="config file (default: $DICOM_NODE_CONFIG or ./config.toml)")
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
         return p
 
     with_config(sub.add_parser("serve", help="run receiver and workers")).set_defaults(

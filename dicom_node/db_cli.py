@@ -9,17 +9,13 @@ Registered into the main parser by :func:`register` (dicom_node.cli).
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-from dicom_node.config import load_config
-from dicom_node.log import configure_logging
+from dicom_node.output import CONFIG_HELP, DEFAULT_CONFIG, set_up_command
 
 
 def _url(args: argparse.Namespace) -> str:
-    config = load_config(args.config)
-    configure_logging(config.logging.format, config.logging.level)
-    return config.database.url
+    return set_up_command(args.config).database.url
 
 
 def cmd_db_status(args: argparse.Namespace) -> int:
@@ -64,7 +60,6 @@ def register(sub: Any) -> None:
     """Add ``db`` to the main parser's subcommands."""
     p = sub.add_parser("db", help="the database's schema revision: status, upgrade")
     p.add_argument("action", choices=["status", "upgrade"])
-    p.add_argument("--config", default=os.environ.get("DICOM_NODE_CONFIG", "config.toml"),
-                   help="config file (default: $DICOM_NODE_CONFIG or ./config.toml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=lambda args: (cmd_db_status if args.action == "status"
                                       else cmd_db_upgrade)(args))

@@ -42,6 +42,7 @@ from typing import Literal
 
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.output import print_json
 
 Status = Literal["ok", "warn", "FAIL"]
 
@@ -390,7 +391,7 @@ def run_checks(config_path: str | Path, load: bool = False) -> list[Check]:
 
 def print_checks(checks: list[Check], as_json: bool = False) -> None:
     if as_json:
-        print(json.dumps([asdict(c) for c in checks], indent=2))
+        print_json([asdict(c) for c in checks])
         return
     width = max(len(c.name) for c in checks)
     for c in checks:

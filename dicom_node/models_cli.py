@@ -12,14 +12,11 @@ Registered into the main parser by :func:`register` (dicom_node.cli).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import Config, load_config
+from dicom_node.config import Config
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.infer.card import (
     ClassifierCard,
@@ -28,38 +25,27 @@ from dicom_node.infer.card import (
     ReportCard,
     SegmenterCard,
 )
+from dicom_node.log import configure_logging
+from dicom_node.output import CONFIG_HELP, DEFAULT_CONFIG, print_json, print_table, set_up_command
 from dicom_node.registry import ModelEntry, default_dirs, discover, find, load_weights
 
 _CONFIG_HELP = ("config file (default: $DICOM_NODE_CONFIG or ./config.toml; optional here: "
                 "without one only --dir is scanned)")
 
 
-def _quiet_logging() -> None:
-    """Warnings and errors of the runtime on stderr; stdout carries only the command's output."""
-    from dicom_node.log import configure_logging
-
-    configure_logging("auto", "warning")
-
-
 def _optional_config(args: argparse.Namespace) -> Config | None:
-    """The config named by --config; None when none was named and the default file is absent."""
-    if args.config is not None:
-        return load_config(args.config)
-    default = Path(os.environ.get("DICOM_NODE_CONFIG", "config.toml"))
-    return load_config(default) if default.is_file() else None
+    """The config named by --config; None when none was named and the default file is absent.
+    Logging shows only the runtime's warnings and errors: stdout carries the command's output."""
+    path = Path(args.config if args.config is not None else DEFAULT_CONFIG)
+    if args.config is not None or path.is_file():
+        return set_up_command(path, level="warning")
+    configure_logging("auto", "warning")
+    return None
 
 
 def _dirs(args: argparse.Namespace, config: Config | None) -> list[Path]:
     given = [Path(d) for d in (args.dir or [])]
     return given if given else default_dirs(config)
-
-
-def _table(rows: Sequence[Sequence[str]], columns: Sequence[str]) -> None:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _entry_json(entry: ModelEntry) -> dict[str, Any]:
@@ -82,7 +68,6 @@ def _entry_json(entry: ModelEntry) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    _quiet_logging()
     config = _optional_config(args)
     dirs = _dirs(args, config)
     action = args.action or "list"
@@ -100,7 +85,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _list(entries: list[ModelEntry], as_json: bool) -> int:
     if as_json:
-        print(json.dumps([_entry_json(e) for e in entries], indent=2))
+        print_json([_entry_json(e) for e in entries])
         return 0
     if not entries:
         print("(no models)")
@@ -113,8 +98,8 @@ def _list(entries: list[ModelEntry], as_json: bool) -> int:
                      ("yes" if c.synthetic_training_data else "no") if c else "?",
                      "yes" if e.configured else "no", "valid" if e.valid else "INVALID",
                      str(e.folder)])
-    _table(rows, ["name", "version", "kind", "modalities", "synthetic", "configured", "card",
-                  "path"])
+    print_table(rows, ["name", "version", "kind", "modalities", "synthetic", "configured",
+                       "card", "path"], trim=True)
     for e in entries:
         for problem in e.problems:
             print(f"  {e.name}: {problem}")
@@ -158,7 +143,7 @@ def _show(entry: ModelEntry, as_json: bool, load: bool) -> int:
     if as_json:
         out = card.model_dump(mode="json")
         out.update(folder=str(entry.folder), configured=entry.configured, weights_check=weights)
-        print(json.dumps(out, indent=2, ensure_ascii=False))
+        print_json(out, ensure_ascii=False)
         return 0
     print(f"{card.name} {card.version} — {card.kind}, {', '.join(card.modalities)}")
     print(f"folder:        {entry.folder} ({'in' if entry.configured else 'not in'} the config)")
@@ -186,7 +171,7 @@ def _show(entry: ModelEntry, as_json: bool, load: bool) -> int:
     evaluation: Any = getattr(card, "evaluation", None)
     if evaluation is not None:
         print("\nevaluation:")
-        print(json.dumps(evaluation.model_dump(mode="json"), indent=2, ensure_ascii=False))
+        print_json(evaluation.model_dump(mode="json"), ensure_ascii=False)
     return 0
 
 
@@ -199,7 +184,7 @@ def _metrics_table(label: str, entries: dict[str, Any]) -> None:
                if isinstance(v, int | float) and not isinstance(v, bool)]
     rows = [[name, *(f"{v[k]:.4f}" if isinstance(v.get(k), float) else str(v.get(k, "-"))
                      for k in columns)] for name, v in dumped.items()]
-    _table(rows, [label, *columns])
+    print_table(rows, [label, *columns], trim=True)
 
 
 def _para(label: str, text: str) -> None:
@@ -229,16 +214,17 @@ def _input(card: ModelCard) -> None:
 def _outputs(card: ModelCard) -> None:
     print()
     if isinstance(card, ClassifierCard):
-        _table([[o.name, f"{o.code.scheme} {o.code.value}", o.code.meaning, f"{o.threshold:g}"]
-                for o in card.outputs], ["output", "code", "meaning", "threshold"])
+        print_table([[o.name, f"{o.code.scheme} {o.code.value}", o.code.meaning,
+                      f"{o.threshold:g}"] for o in card.outputs],
+                    ["output", "code", "meaning", "threshold"], trim=True)
     elif isinstance(card, SegmenterCard):
-        _table([[o.name, f"{o.code.scheme} {o.code.value}", o.code.meaning,
-                 f"{o.category.scheme} {o.category.value} {o.category.meaning}",
-                 f"{o.threshold:g}"] for o in card.outputs],
-               ["segment", "code", "meaning", "category", "threshold"])
+        print_table([[o.name, f"{o.code.scheme} {o.code.value}", o.code.meaning,
+                      f"{o.category.scheme} {o.category.value} {o.category.meaning}",
+                      f"{o.threshold:g}"] for o in card.outputs],
+                    ["segment", "code", "meaning", "category", "threshold"], trim=True)
     elif isinstance(card, ReportCard):
-        _table([[o.name, f"{o.code.scheme} {o.code.value}", o.code.meaning]
-                for o in card.outputs], ["observation", "code", "meaning"])
+        print_table([[o.name, f"{o.code.scheme} {o.code.value}", o.code.meaning]
+                     for o in card.outputs], ["observation", "code", "meaning"], trim=True)
     elif isinstance(card, EnhancerCard):
         print(f"output: a derived series, Series Description {card.series_description!r}")
 
@@ -250,7 +236,7 @@ def _outputs(card: ModelCard) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dicom_node.doctor import print_checks, run_checks
 
-    _quiet_logging()
+    configure_logging("auto", "warning")  # run_checks loads the config: that is a check
     checks = run_checks(args.config, load=args.load)
     print_checks(checks, as_json=args.json)
     return 1 if any(c.status == "FAIL" for c in checks) else 0
@@ -259,7 +245,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dicom_node.evaluate import evaluate
 
-    _quiet_logging()
     config = _optional_config(args)
     entry = find(args.model, config, _dirs(args, config))
     if entry.card is None or entry.problems:
@@ -296,8 +281,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("doctor", help="check versions, devices, database, disk, models")
-    p.add_argument("--config", default=os.environ.get("DICOM_NODE_CONFIG", "config.toml"),
-                   help="config file (default: $DICOM_NODE_CONFIG or ./config.toml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--load", action="store_true", help="also load every model's weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)

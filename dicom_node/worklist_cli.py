@@ -15,17 +15,20 @@ Registered into the main parser by :func:`register` (dicom_node.cli).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import load_config
-from dicom_node.log import configure_logging
+from dicom_node.output import (
+    CONFIG_HELP,
+    DEFAULT_CONFIG,
+    cells,
+    print_json,
+    print_table,
+    set_up_command,
+)
 from dicom_node.store.db import ScheduledStep, make_engine, make_sessionmaker
 from dicom_node.worklist.order import step_order
 from dicom_node.worklist.refresh import enabled_section, refresh
@@ -67,18 +70,9 @@ def stored_steps(sessions: sessionmaker[Session]) -> list[dict[str, Any]]:
     return steps
 
 
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    table = [[str(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-
-
 def cmd_worklist(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
     # stdout carries the listing; only warnings and errors of the query go to stderr.
-    configure_logging(config.logging.format, "warning")
+    config = set_up_command(args.config, level="warning")
     section = None if args.stored else enabled_section(config)  # exit 2 before any work
     sessions = make_sessionmaker(make_engine(config.database.url))
     counts = refresh(config, sessions) if section is not None else None
@@ -87,14 +81,14 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         refreshed = None if section is None or counts is None else {
             "ae_title": section.ae_title, "host": section.host, "port": section.port,
             **asdict(counts)}
-        print(json.dumps({"refreshed": refreshed, "steps": steps}, indent=2))
+        print_json({"refreshed": refreshed, "steps": steps})
         return 0
     if section is not None and counts is not None:
         print(f"Modality Worklist {section.ae_title}@{section.host}:{section.port}: fetched "
               f"{counts.fetched} (new {counts.new}, updated {counts.updated}, pruned "
               f"{counts.pruned})")
     if steps:
-        _table(steps, COLUMNS)
+        print_table(cells(steps, COLUMNS), COLUMNS, trim=True)
     print(f"{len(steps)} scheduled step(s) stored")
     return 0
 
@@ -102,8 +96,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``worklist`` to the main parser's subcommands."""
     p = sub.add_parser("worklist", help="query the Modality Worklist now; list stored steps")
-    p.add_argument("--config", default=os.environ.get("DICOM_NODE_CONFIG", "config.toml"),
-                   help="config file (default: $DICOM_NODE_CONFIG or ./config.toml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--stored", action="store_true",
                    help="list the stored steps only, without querying the worklist")
     p.add_argument("--json", action="store_true")
