@@ -34,8 +34,8 @@ Sources (pydicom-data, real images, new UIDs, one study): CR/DX → ``RG1_UNCR.d
 ``--source model`` shrinks them to the card's input shape first, so preprocessing has no resizing
 to do (what a node fed with model-sized images would see). ``--source phantom`` (segmenters on
 CT) is a synthetic chest CT with two nodules, 512×512 pixels of 0.7 mm, 2.5 mm apart
-(``--slice-mm``; ``tests/ct_series.py``, the generator lung-nodule-unet was trained on): the model
-finds regions, so the SEG is encoded too, which the head CT never gives.
+(``--slice-mm``; ``tests/support/ct_series.py``, the generator lung-nodule-unet was trained on):
+the model finds regions, so the SEG is encoded too, which the head CT never gives.
 
 ``--model densenet121-untrained`` times a hospital-sized classifier instead of the tiny shipped
 ones: ``keras.applications.DenseNet121`` with **random weights (untrained, meaningless outputs,
@@ -222,7 +222,7 @@ PHANTOM_SLICE_MM = 2.5
 def phantom_study(count: int, slice_mm: float = PHANTOM_SLICE_MM) -> list[bytes]:
     """A synthetic chest CT series of ``count`` 512×512 slices with two nodules (see docstring)."""
     sys.path.insert(0, str(ROOT))
-    from tests.ct_series import write_chest_ct_series
+    from tests.support.ct_series import write_chest_ct_series
 
     with tempfile.TemporaryDirectory(prefix="bench-phantom-") as folder:
         files = write_chest_ct_series(Path(folder), nodules=PHANTOM_NODULES, slices=count,

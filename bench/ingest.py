@@ -47,7 +47,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.peers import (
+from tests.support.peers import (
     PEER_ENV,
     NodeProcess,
     OrthancServer,
@@ -58,7 +58,7 @@ from tests.peers import (
     require_program,
     wait_until,
 )
-from tests.tls_certs import Issued, TestCA
+from tests.support.tls_certs import Issued, TestCA
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "out"

@@ -6,7 +6,7 @@ broken in a way the receiver refuses from the header it reads (up to (0020,000E)
 through no SOP Instance UID in the data set (A900), a Study Instance UID encoded as FD with a
 length that is no multiple of 8, sequences nested 5000 deep before the Series UID, and a data set
 cut off before its Study UID (C000). The same count of well-formed instances is sent over a second
-association for comparison. The bytes are sent as they are (tests/malformed.py).
+association for comparison. The bytes are sent as they are (tests/support/malformed.py).
 
 Run from the repository root:  .venv/bin/python -m bench.malformed [--count 400]
 """
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node.receive.status import StoreStatus
-from tests.malformed import (
+from tests.support.malformed import (
     UID_ROOT,
     Encoded,
     encode,
@@ -32,7 +32,7 @@ from tests.malformed import (
     send_raw,
     tag_of,
 )
-from tests.peers import NodeProcess
+from tests.support.peers import NodeProcess
 
 
 def _broken(kind: int, n: int) -> Encoded:

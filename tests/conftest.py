@@ -87,4 +87,6 @@ def receiver(node_config: Config) -> Iterator[Receiver]:
         yield rx
 
 
-pytest_plugins = ["tests.peers", "tests.worklist_peer", "tests.postgres_peer"]
+pytest_plugins = [
+    "tests.support.peers", "tests.support.worklist_peer", "tests.support.postgres_peer",
+]

@@ -53,7 +53,8 @@ from dicom_node.store.db import (
     utcnow,
 )
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, sample_file, write_config
-from tests.peers import (
+from tests.support.chest_pacs import CHEST_MODEL, CHEST_ROUTE
+from tests.support.peers import (
     NodeProcess,
     OrthancServer,
     StoreSCP,
@@ -61,7 +62,6 @@ from tests.peers import (
     dcmtk,
     wait_until,
 )
-from tests.test_e2e_orthanc import CHEST_MODEL, CHEST_ROUTE
 
 AET = "DICOM_NODE"
 #: Series Description of result files the lossy PACS drops (see LOSSY_LUA).

@@ -24,7 +24,13 @@ from dicom_node.store.db import (
     make_sessionmaker,
     utcnow,
 )
-from tests.order_data import StoredStudy, add_step, store_instance, store_study, worklist_item
+from tests.support.order_data import (
+    StoredStudy,
+    add_step,
+    store_instance,
+    store_study,
+    worklist_item,
+)
 
 STABLE = 300.0
 

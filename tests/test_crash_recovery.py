@@ -39,8 +39,8 @@ from dicom_node.store.db import (
 )
 from dicom_node.uids import result_uids
 from tests.conftest import sample_file
-from tests.peers import PEER_ENV, NodeProcess, StoreSCP, dcmtk, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL, CHEST_ROUTE
+from tests.support.chest_pacs import CHEST_MODEL, CHEST_ROUTE
+from tests.support.peers import PEER_ENV, NodeProcess, StoreSCP, dcmtk, wait_until
 
 
 def _node_to(storescp: StoreSCP, node_factory: Callable[..., NodeProcess], role: str = "receive",
@@ -197,7 +197,7 @@ def _running_jobs(sessions: sessionmaker[Session], held_by: list[str], attempts:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """The index on SQLite, and on a real PostgreSQL server (tests/postgres_peer.py)."""
+    """The index on SQLite, and on a real PostgreSQL server (tests/support/postgres_peer.py)."""
     url = (f"sqlite:///{tmp_path}/index.db" if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
     engine = make_engine(url)

@@ -40,7 +40,7 @@ from dicom_node.receive.scp import Receiver
 from dicom_node.receive.status import EchoStatus, StoreStatus
 from dicom_node.store.db import Instance
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
-from tests.peers import require_program
+from tests.support.peers import require_program
 
 MB = 1 << 20
 DISK_MB = 48

@@ -12,9 +12,9 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import sample_file
-from tests.ct_series import write_chest_ct_series
-from tests.dicom_tools import dciodvfy
-from tests.peers import NodeProcess, OrthancServer, auto_forward_lua, dcmtk, wait_until
+from tests.support.ct_series import write_chest_ct_series
+from tests.support.dicom_tools import dciodvfy
+from tests.support.peers import NodeProcess, OrthancServer, auto_forward_lua, dcmtk, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 

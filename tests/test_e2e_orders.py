@@ -22,12 +22,17 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, generate_uid
 
 from tests.conftest import sample_file
-from tests.dicom_tools import dciodvfy
-from tests.mpps_scu import mpps_completed_dataset, mpps_create_dataset, send_mpps, send_mpps_set
-from tests.order_data import write_instance
-from tests.peers import NodeProcess, OrthancServer, dcmtk
-from tests.test_e2e_orthanc import CHEST_MODEL, pacs_with_node, wait_for_the_sr
-from tests.worklist_peer import WorklistSCP
+from tests.support.chest_pacs import CHEST_MODEL, pacs_with_node, wait_for_the_sr
+from tests.support.dicom_tools import dciodvfy
+from tests.support.mpps_scu import (
+    mpps_completed_dataset,
+    mpps_create_dataset,
+    send_mpps,
+    send_mpps_set,
+)
+from tests.support.order_data import write_instance
+from tests.support.peers import NodeProcess, OrthancServer, dcmtk
+from tests.support.worklist_peer import WorklistSCP
 
 ACCESSION = "ACC-E2E-0001"
 ORDER_ROUTE = {"name": "chest x-ray orders", "match": {"Modality": ["CR", "DX"]},

@@ -11,9 +11,9 @@ import pytest
 from pydicom import Dataset, dcmread
 
 from tests.conftest import sample_file
-from tests.dicom_tools import dciodvfy, dsrdump
-from tests.peers import NodeProcess, OrthancServer, dcmtk, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL, pacs_with_node, sr_series
+from tests.support.chest_pacs import CHEST_MODEL, pacs_with_node, sr_series
+from tests.support.dicom_tools import dciodvfy, dsrdump
+from tests.support.peers import NodeProcess, OrthancServer, dcmtk, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_MODEL = {"name": "report-drafter", "path": str(REPO / "models" / "report-drafter")}

@@ -21,7 +21,7 @@ from dicom_node.errors import EncodeError
 from dicom_node.messages import ModelIdentity, ResultUIDs
 from dicom_node.receive.store_handler import is_own_result
 from dicom_node.uids import result_uids
-from tests.dicom_tools import dciodvfy
+from tests.support.dicom_tools import dciodvfy
 
 WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456)
 MODEL = ModelIdentity(name="ct-denoise-gan", version="1.0.0", manufacturer="dicom-node project",

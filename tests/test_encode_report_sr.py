@@ -18,7 +18,7 @@ from dicom_node.errors import EncodeError
 from dicom_node.infer.report_check import Consistency, ReportDraft, check_and_repair
 from dicom_node.messages import CodedConcept, FindingRecord, Measurement, ModelIdentity
 from dicom_node.uids import result_uids
-from tests.dicom_tools import dciodvfy, dsrdump
+from tests.support.dicom_tools import dciodvfy, dsrdump
 
 WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456)
 DRAFTER = ModelIdentity(name="report-drafter", version="1.0.0", manufacturer="dicom-node project",

@@ -39,7 +39,7 @@ from dicom_node.messages import (
     SourceFrame,
 )
 from dicom_node.uids import result_uids
-from tests.dicom_tools import dciodvfy, dsrdump
+from tests.support.dicom_tools import dciodvfy, dsrdump
 
 WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456)
 ROUTE = "chest-ct"

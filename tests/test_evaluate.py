@@ -32,7 +32,7 @@ from dicom_node.evaluate.metrics import (
 from dicom_node.infer.card import ModelCard, load_card, parse_card
 from dicom_node.messages import CodedConcept, ModelIdentity, SegmentationResult, SourceFrame
 from tests.conftest import sample_file
-from tests.evaluate_runs import export_eval, run_evaluate
+from tests.support.evaluate_runs import export_eval, run_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "chest-xray-cnn"

@@ -30,7 +30,7 @@ from dicom_node.evaluate.report import (
 from dicom_node.infer.card import ReportCard, load_card
 from dicom_node.infer.report_input import concept_table
 from dicom_node.messages import findings_from_json
-from tests.evaluate_runs import export_eval, run_evaluate
+from tests.support.evaluate_runs import export_eval, run_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "report-drafter"

@@ -33,7 +33,8 @@ from dicom_node.receive.status import StoreStatus
 from dicom_node.store.db import Instance, Study, utcnow
 from dicom_node.store.index import PROCESSED_STATES
 from tests.conftest import running_receiver
-from tests.malformed import (
+from tests.support.chest_pacs import routed_config
+from tests.support.malformed import (
     UID_ROOT,
     Encoded,
     encode,
@@ -43,7 +44,6 @@ from tests.malformed import (
     send_raw,
     tag_of,
 )
-from tests.test_malformed import routed_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

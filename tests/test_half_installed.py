@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import NodeProcess, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL, CHEST_ROUTE
+from tests.support.chest_pacs import CHEST_MODEL, CHEST_ROUTE
+from tests.support.peers import NodeProcess, wait_until
 
 #: The refusal ends the process at once; a serve that started instead would not end at all.
 REFUSAL_SECONDS = 60.0

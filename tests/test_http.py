@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -37,7 +36,8 @@ from dicom_node.receive.scp import Receiver
 from dicom_node.store.db import Job, SendSlot, Study, utcnow
 from dicom_node.worklist.refresh import WorklistPoller
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, sample_file, write_config
-from tests.peers import NodeProcess, is_listening, wait_until
+from tests.support.metrics import Samples, get, metrics, value
+from tests.support.peers import NodeProcess, is_listening, wait_until
 
 MONITORED = """
 [http]
@@ -61,9 +61,6 @@ host = "127.0.0.1"
 port = 1
 """
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
 @dataclass
 class Monitored:
     rx: Receiver
@@ -74,27 +71,6 @@ class Monitored:
 
     def metrics(self) -> Samples:
         return metrics(self.monitor.port)
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """Status and body of ``GET http://127.0.0.1:<port><path>``."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=15) as answer:
-            return int(answer.status), answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:  # its response, closed
-            return exc.code, exc.read().decode()
-
-
-def metrics(port: int) -> Samples:
-    status, body = get(port, "/metrics")
-    assert status == 200, body
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(body) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def _config(tmp_path: Path, extra: str = "", node_extra: str = "") -> Config:

@@ -15,8 +15,8 @@ from dicom_node.jobs import queue
 from dicom_node.messages import CodedConcept, FindingRecord
 from dicom_node.store.db import Study, StudyState, make_engine, make_sessionmaker, utcnow
 from tests.conftest import sample_file
-from tests.peers import NodeProcess, StoreSCP, dcmtk
-from tests.test_e2e_orthanc import CHEST_MODEL
+from tests.support.chest_pacs import CHEST_MODEL
+from tests.support.peers import NodeProcess, StoreSCP, dcmtk
 
 JOBS = JobsSection(max_attempts=2, retry_base_seconds=1, retry_max_seconds=1, lease_seconds=60)
 CARDIOMEGALY = CodedConcept("8186001", "SCT", "Cardiomegaly")

@@ -19,7 +19,6 @@ import pynetdicom.association
 import pynetdicom.fsm
 import pynetdicom.transport
 import pytest
-from prometheus_client import CollectorRegistry
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from structlog.testing import capture_logs
@@ -29,8 +28,9 @@ from dicom_node.receive import limits
 from dicom_node.receive.scp import Receiver
 from dicom_node.store.db import make_engine
 from tests.conftest import write_config
-from tests.peers import dcmtk, free_port, wait_until
-from tests.tls_certs import TestCA
+from tests.support.metrics import refused
+from tests.support.peers import dcmtk, free_port, wait_until
+from tests.support.tls_certs import TestCA
 
 
 def _receiver(node_config: Config, **node: object) -> Receiver:
@@ -97,14 +97,6 @@ def test_pynetdicom_still_waits_for_the_request_as_the_connection_cap_expects() 
     # limits.ReceiverAE raises maximum_associations by the threads that hold no association.
     acceptor = inspect.getsource(pynetdicom.acse.ACSE._negotiate_as_acceptor)
     assert "len(active_acceptors) > self.assoc.ae.maximum_associations" in acceptor
-
-
-def refused(rx: Receiver, reason: str) -> float:
-    """The receiver's dicom_node_peers_refused_total{reason} (monitor.counters)."""
-    registry = CollectorRegistry()
-    registry.register(rx.context.counters)
-    value = registry.get_sample_value("dicom_node_peers_refused_total", {"reason": reason})
-    return float(value or 0.0)
 
 
 def test_an_announced_4gb_pdu_is_refused_before_it_is_buffered(

@@ -36,8 +36,9 @@ from dicom_node.receive.status import StoreStatus
 from dicom_node.store.db import Instance, Job, JobState, Study, StudyState, utcnow
 from dicom_node.store.index import reprocess
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
-from tests.ct_series import MODEL_DIR, write_chest_ct_series
-from tests.malformed import (
+from tests.support.chest_pacs import ROUTES, routed_config
+from tests.support.ct_series import MODEL_DIR, write_chest_ct_series
+from tests.support.malformed import (
     UID_ROOT,
     Encoded,
     encode,
@@ -47,37 +48,11 @@ from tests.malformed import (
     send_raw,
     tag_of,
 )
-from tests.peers import StoreSCP
-from tests.test_e2e_orthanc import CHEST_MODEL
+from tests.support.peers import StoreSCP
 
 # pydicom warns about what it reads in malformed files; in production that is a warning, not an
 # error, so the receiver must be judged with warnings as warnings here too.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-ROUTES = """
-[[destinations]]
-name = "pacs"
-ae_title = "STORESCP"
-host = "127.0.0.1"
-port = {pacs_port}
-
-[[models]]
-name = "{model}"
-path = "{model_path}"
-
-[[routes]]
-name = "images"
-match = {{ Modality = ["CT", "CR"] }}
-models = ["{model}"]
-send_to = ["pacs"]
-"""
-
-
-def routed_config(folder: Path, pacs_port: int = 104) -> Config:
-    text = BASIC_CONFIG.format(port=free_port(), stable=1, node_extra="") + ROUTES.format(
-        pacs_port=pacs_port, model=CHEST_MODEL["name"], model_path=CHEST_MODEL["path"])
-    return load_config(write_config(folder, text))
-
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Receiver]:

@@ -3,8 +3,6 @@ their rows, processes starting together migrate once, a newer database refused."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.jobs import queue
 from dicom_node.store import migrations
 from dicom_node.store.db import Base, Job, JobState, Study, make_engine, make_sessionmaker
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.engines import ROOT, open_together
 
 
 def _affinity(declared: str) -> str:
@@ -181,38 +178,6 @@ def test_a_database_made_before_migrations_is_adopted_with_its_rows(tmp_path: Pa
     # Opening it again changes nothing.
     assert _revisions(make_engine(f"sqlite:///{tmp_path / 'old.db'}")) == [
         migrations.head_revision()]
-
-
-_CHILD = """
-import pathlib, sys, time
-from dicom_node.store.db import make_engine
-go = pathlib.Path(sys.argv[2])
-print("ready", flush=True)
-while not go.exists():
-    time.sleep(0.001)
-make_engine(sys.argv[1]).dispose()
-print("done", flush=True)
-"""
-
-
-def open_together(url: str, go: Path, count: int = 4
-                  ) -> tuple[list[subprocess.Popen[str]], list[str]]:
-    """``count`` processes that open ``url`` with make_engine at the same moment (each has
-    imported everything and waits for the file ``go``); their outputs once they have ended."""
-    children = [subprocess.Popen([sys.executable, "-c", _CHILD, url, str(go)], cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for _ in range(count)]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            assert child.stdout.readline().strip() == "ready"
-        go.touch()
-        outputs = [child.communicate(timeout=120)[0] for child in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    return children, outputs
 
 
 @pytest.mark.parametrize("start", ["new", "made_before_migrations"])

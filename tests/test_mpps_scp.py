@@ -35,7 +35,7 @@ from dicom_node.receive.scp import Receiver
 from dicom_node.receive.status import StoreStatus
 from dicom_node.store.db import PerformedStep, PerformedStudy, make_engine, utcnow
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, sample_file, write_config
-from tests.mpps_scu import (
+from tests.support.mpps_scu import (
     PATIENT_ID,
     PATIENT_NAME,
     mpps_association,

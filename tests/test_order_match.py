@@ -16,8 +16,8 @@ from dicom_node.messages import StudySummary
 from dicom_node.route import route_study
 from dicom_node.store.db import Study, make_engine, make_sessionmaker
 from dicom_node.worklist.match import match_study, order_for_study
-from tests.dicom_tools import dciodvfy
-from tests.order_data import add_step, add_study, worklist_item
+from tests.support.dicom_tools import dciodvfy
+from tests.support.order_data import add_step, add_study, worklist_item
 
 BASE = {
     "worklist": {"ae_title": "RIS", "host": "127.0.0.1", "port": 2005},

@@ -42,9 +42,9 @@ from dicom_node.store.db import (
     utcnow,
 )
 from tests.conftest import BASIC_CONFIG, running_receiver, sample_file, write_config
-from tests.peers import NodeProcess, StoreSCP, dcmtk, free_port, wait_until
-from tests.test_e2e_orthanc import CHEST_MODEL
-from tests.test_http import metrics, value
+from tests.support.chest_pacs import CHEST_MODEL
+from tests.support.metrics import metrics, value
+from tests.support.peers import NodeProcess, StoreSCP, dcmtk, free_port, wait_until
 
 JOBS = """
 [jobs]

@@ -1,4 +1,5 @@
-"""The peer helpers of tests/peers.py against the real programs: DCMTK, Orthanc, the node."""
+"""The peer helpers of tests/support/peers.py against the real programs: DCMTK, Orthanc, the
+node."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.config import load_config
-from tests import peers
-from tests.peers import (
+from tests.support import peers
+from tests.support.peers import (
     NodeProcess,
     OrthancServer,
     StoreSCP,
@@ -22,7 +23,7 @@ from tests.peers import (
     wait_until,
 )
 
-# The fixtures of tests/peers.py, bound here so that this module works without conftest.py.
+# The fixtures of tests/support/peers.py, bound here so that this module works without conftest.py.
 orthanc_factory = peers.orthanc_factory
 orthanc = peers.orthanc
 storescp = peers.storescp

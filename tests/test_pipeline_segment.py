@@ -2,10 +2,11 @@
 report model and the job listing read back.
 
 Two kinds of test: with the model replaced by a prepared SegmentationResult (the pipeline's
-wiring), and on synthetic chest CT series written as DICOM files (tests/ct_series.py, single-frame
-and Enhanced CT multi-frame) through the real :func:`dicom_node.infer.segment.segment` with the
-network's probability maps replaced by the known nodule spheres (series selection, slice
-ordering, region measurement and both encoders are real).
+wiring), and on synthetic chest CT series written as DICOM files (tests/support/ct_series.py,
+single-frame and Enhanced CT multi-frame) through the real
+:func:`dicom_node.infer.segment.segment` with the network's probability maps replaced by the
+known nodule spheres (series selection, slice ordering, region measurement and both encoders are
+real).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from dicom_node.messages import (
     findings_to_json,
 )
 from dicom_node.pipelines import pipeline_for, uids_for
-from tests.ct_series import write_chest_ct_series
-from tests.dicom_tools import dciodvfy, dsrdump
+from tests.support.ct_series import write_chest_ct_series
+from tests.support.dicom_tools import dciodvfy, dsrdump
 from tests.test_encode_seg import NODULE, REGIONS, SLICES, ct_series, result
 
 WHEN = datetime(2024, 5, 6, 7, 8, 9)

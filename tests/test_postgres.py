@@ -1,6 +1,6 @@
-"""The scale-out path on a real PostgreSQL server (tests/postgres_peer.py): the schema migrated
-once by processes starting together, the receiver indexing what storescu sends, completion and
-routing, workers claiming each job once, and retention."""
+"""The scale-out path on a real PostgreSQL server (tests/support/postgres_peer.py): the
+schema migrated once by processes starting together, the receiver indexing what storescu sends,
+completion and routing, workers claiming each job once, and retention."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from dicom_node.store.db import (
     utcnow,
 )
 from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
-from tests.test_migrations import ROOT, open_together
-from tests.test_retention import _storescu, _study_files, check_two_passes_at_once
+from tests.support.engines import ROOT, open_together
+from tests.support.studies import send_with_storescu, study_files
+from tests.test_retention import check_two_passes_at_once
 from tests.test_send_slots import check_workers_never_exceed_the_limit
 
 pytestmark = pytest.mark.slow
@@ -93,9 +94,9 @@ def test_processes_starting_together_migrate_a_new_database_once(postgres_url: s
 
 
 def test_received_study_is_indexed_completed_and_routed(node: Receiver, tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm", count=3)
-    _storescu(node, paths)  # and the same files again: duplicates, no new rows
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm", count=3)
+    send_with_storescu(node, paths)  # and the same files again: duplicates, no new rows
+    send_with_storescu(node, paths)
     sessions = node.context.sessions
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 3
@@ -145,8 +146,8 @@ def test_concurrent_workers_claim_each_job_once(sessions: sessionmaker[Session])
 
 
 def test_retention_deletes_an_old_finished_study(node: Receiver, tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     sessions: sessionmaker[Session] = node.context.sessions
     old = utcnow() - timedelta(days=9)
     with sessions.begin() as session:

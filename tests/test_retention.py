@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
@@ -43,7 +42,8 @@ from dicom_node.store.db import (
     utcnow,
 )
 from dicom_node.store.index import reprocess
-from tests.conftest import BASIC_CONFIG, free_port, running_receiver, sample_file, write_config
+from tests.conftest import BASIC_CONFIG, free_port, running_receiver, write_config
+from tests.support.studies import send_with_storescu, study_files
 
 RETENTION = """
 [retention]
@@ -64,31 +64,6 @@ def _config_text(extra: str = RETENTION) -> str:
 def node(tmp_path: Path) -> Iterator[Receiver]:
     with running_receiver(load_config(write_config(tmp_path, _config_text()))) as rx:
         yield rx
-
-
-def _study_files(folder: Path, name: str, count: int = 3) -> tuple[str, list[Path]]:
-    """``count`` copies of a pydicom test image as one new study, written to ``folder``."""
-    study = generate_uid()
-    series = generate_uid()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        ds = dcmread(sample_file(name))
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = i + 1
-        path = folder / f"{study[-12:]}-{i}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return study, paths
-
-
-def _storescu(rx: Receiver, paths: list[Path]) -> None:
-    done = subprocess.run(
-        ["storescu", "-aec", "DICOM_NODE", "127.0.0.1", str(rx.port), *map(str, paths)],
-        env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60,
-        check=False)
-    assert done.returncode == 0, done.stderr
 
 
 def _set_state(rx: Receiver, study: str, state: StudyState, days_ago: float) -> None:
@@ -118,8 +93,8 @@ def check_two_passes_at_once(rx: Receiver, tmp_path: Path, studies: int = 6) -> 
     once, and neither pass fails."""
     uids = []
     for _ in range(studies):
-        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-        _storescu(rx, paths)
+        study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+        send_with_storescu(rx, paths)
         _set_state(rx, study, StudyState.DONE, 9)
         uids.append(study)
     first = _retention(rx)
@@ -161,8 +136,8 @@ def test_old_processed_studies_go_and_everything_in_work_stays(node: Receiver,
                                ("old routed", StudyState.ROUTED, 40),
                                ("old incomplete", StudyState.INCOMPLETE, 40),
                                ("old receiving", StudyState.RECEIVING, 40)]:
-        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-        _storescu(node, paths)
+        study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+        send_with_storescu(node, paths)
         _set_state(node, study, state, days)
         studies[label] = study
     results = node.context.config.results_dir / studies["old done"] / "0" / "abc"
@@ -214,8 +189,8 @@ def test_a_study_whose_commitment_is_pending_stays_even_under_disk_pressure(
         node: Receiver, tmp_path: Path) -> None:
     studies = {}
     for state in (CommitmentState.REQUESTED, CommitmentState.COMMITTED):
-        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-        _storescu(node, paths)
+        study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+        send_with_storescu(node, paths)
         _set_state(node, study, StudyState.DONE, 9)
         _commitment(node, study, state)
         studies[state] = study
@@ -233,8 +208,8 @@ def test_a_study_whose_commitment_is_pending_stays_even_under_disk_pressure(
 
 def test_a_purged_study_sent_again_is_stored_but_not_processed_again(node: Receiver,
                                                                      tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, study, StudyState.DONE, 9)
     _retention(node).run(node.context.config)
     assert _spooled(node, study) == []
@@ -243,7 +218,7 @@ def test_a_purged_study_sent_again_is_stored_but_not_processed_again(node: Recei
     done, purged = reprocess(node.context.sessions, [study])
     assert done == [] and study in purged
 
-    _storescu(node, paths)  # a PACS forwards the old study again
+    send_with_storescu(node, paths)  # a PACS forwards the old study again
 
     assert len(_spooled(node, study)) == 3
     assert "" not in _paths(node, study)
@@ -256,8 +231,8 @@ def test_a_purged_study_sent_again_is_stored_but_not_processed_again(node: Recei
 
 
 def test_a_job_of_a_purged_study_fails_saying_what_to_do(node: Receiver, tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, study, StudyState.DONE, 9)
     _retention(node).run(node.context.config)
     job = ClaimedJob(id=1, study_instance_uid=study, generation=0, route_name="r",
@@ -273,8 +248,8 @@ def test_a_file_stored_while_its_study_is_purged_is_moved_back(node: Receiver,
                                                                tmp_path: Path) -> None:
     """The receiver writes the file, then commits its row: a purge can move the file to the
     trash in between. The check before the trash is emptied puts it back."""
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, study, StudyState.DONE, 9)
     config = node.context.config
     retention = _retention(node)
@@ -304,18 +279,18 @@ def test_a_file_stored_while_its_study_is_purged_is_moved_back(node: Receiver,
 
 def test_a_study_that_changes_during_the_purge_is_left_whole(node: Receiver,
                                                               tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, study, StudyState.DONE, 9)
     config = node.context.config
     with node.context.sessions() as session:
         (candidate,) = candidates(session, config.retention, utcnow(), PLENTY)  # type: ignore[arg-type]
     # a new instance of the study arrives after the pass chose it: the study is reopened
-    _, late = _study_files(tmp_path / "late", "CT_small.dcm", count=1)
+    _, late = study_files(tmp_path / "late", "CT_small.dcm", count=1)
     ds = dcmread(late[0])
     ds.StudyInstanceUID = study
     ds.save_as(late[0], enforce_file_format=True)
-    _storescu(node, late)
+    send_with_storescu(node, late)
 
     outcome = _retention(node)._purge(config, config.retention, candidate,  # type: ignore[arg-type]
                                       config.node.data_dir / "trash" / "pass", utcnow())
@@ -331,12 +306,12 @@ def test_below_min_free_gb_the_least_recently_active_studies_go_first(node: Rece
                                                                        tmp_path: Path) -> None:
     ages = {}
     for days in (1.0, 3.0, 2.0):
-        study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-        _storescu(node, paths)
+        study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+        send_with_storescu(node, paths)
         _set_state(node, study, StudyState.DONE, days)
         ages[days] = study
-    busy, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    busy, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, busy, StudyState.ROUTED, 30)
     # free space 1 byte short of min_free_gb + the oldest study: it and the next one must go
     # (the studies differ in size by a few bytes: their UIDs have different lengths)
@@ -355,8 +330,8 @@ def test_below_min_free_gb_the_least_recently_active_studies_go_first(node: Rece
 
 def test_stopping_cuts_the_grace_short_and_the_next_pass_finishes(node: Receiver,
                                                                    tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, study, StudyState.DONE, 9)
     config = node.context.config
     slow = Retention(node.context.sessions, grace_seconds=60.0, free_bytes=lambda _: PLENTY)
@@ -381,8 +356,8 @@ def test_dry_run_lists_and_deletes_nothing(tmp_path: Path) -> None:
     path = write_config(tmp_path, _config_text())
     config = load_config(path)
     with running_receiver(config) as rx:
-        study, files = _study_files(tmp_path / "in", "CT_small.dcm")
-        _storescu(rx, files)
+        study, files = study_files(tmp_path / "in", "CT_small.dcm")
+        send_with_storescu(rx, files)
         _set_state(rx, study, StudyState.DONE, 8)
 
     listed = subprocess.run([sys.executable, "-m", "dicom_node", "purge", "--dry-run",
@@ -423,8 +398,8 @@ def test_the_shipped_config_keeps_processed_studies_a_week() -> None:
 
 def test_a_pass_waits_its_turn_behind_another_over_the_same_data_folder(node: Receiver,
                                                                       tmp_path: Path) -> None:
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)
     _set_state(node, study, StudyState.DONE, 9)
     data_dir = node.context.config.node.data_dir
     with (data_dir / "retention.lock").open("a") as other:  # another receiver's pass
@@ -461,8 +436,8 @@ def test_files_left_in_incoming_by_transfers_that_never_ended_are_cleared(
     hours_ago = time.time() - 2 * 3600
     for path in stale:
         os.utime(path, (hours_ago, hours_ago))
-    study, paths = _study_files(tmp_path / "in", "CT_small.dcm")
-    _storescu(node, paths)  # the node's own scratch folder is in use
+    study, paths = study_files(tmp_path / "in", "CT_small.dcm")
+    send_with_storescu(node, paths)  # the node's own scratch folder is in use
 
     with capture_logs() as logs:
         report = _retention(node).run(node.context.config)
@@ -473,5 +448,5 @@ def test_files_left_in_incoming_by_transfers_that_never_ended_are_cleared(
     assert gone.is_dir() and own.is_dir()  # folders stay: a receiver writes in its own
     (cleared,) = [e for e in logs if e["event"] == "scratch_cleared"]
     assert cleared["files"] == 2
-    _storescu(node, paths)  # the receiver still stores
+    send_with_storescu(node, paths)  # the receiver still stores
     assert len(_spooled(node, study)) == 3

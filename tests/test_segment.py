@@ -28,7 +28,7 @@ from dicom_node.infer.segment import (
 )
 from dicom_node.infer.volume import load_volume
 from dicom_node.messages import CodedConcept, SegmentationResult
-from tests.ct_series import write_chest_ct_series
+from tests.support.ct_series import write_chest_ct_series
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "lung-nodule-unet"

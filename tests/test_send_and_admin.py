@@ -14,8 +14,8 @@ from dicom_node.errors import SendError
 from dicom_node.receive.scp import Receiver
 from dicom_node.send.scu import echo, send_files
 from tests.conftest import sample_file
-from tests.peers import NodeProcess, StoreSCP, dcmtk, free_port
-from tests.test_e2e_orthanc import CHEST_MODEL, CHEST_ROUTE
+from tests.support.chest_pacs import CHEST_MODEL, CHEST_ROUTE
+from tests.support.peers import NodeProcess, StoreSCP, dcmtk, free_port
 
 
 def test_echo_and_send_reach_a_configured_destination(

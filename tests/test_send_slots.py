@@ -16,10 +16,10 @@ from structlog.testing import capture_logs
 
 from dicom_node.send import slots
 from dicom_node.store.db import make_engine, make_sessionmaker, utcnow
-from tests import peers
-from tests.peers import NodeProcess, StoreSCP, dcmtk
-from tests.test_e2e_orthanc import CHEST_MODEL, CHEST_ROUTE
-from tests.test_retention import _study_files
+from tests.support import peers
+from tests.support.chest_pacs import CHEST_MODEL, CHEST_ROUTE
+from tests.support.peers import NodeProcess, StoreSCP, dcmtk
+from tests.support.studies import study_files
 
 node_factory = peers.node_factory
 
@@ -122,7 +122,7 @@ def test_two_workers_open_at_most_max_associations_to_a_slow_pacs(
         log = workers[0]  # the workers share one log file, worker.log
         log.wait_for_log("worker_started", count=2, timeout=60)
         for _ in range(2):  # two studies, completed in the same sweep: one job each
-            _, paths = _study_files(tmp_path / "in", "RG1_UNCR.dcm", count=1)
+            _, paths = study_files(tmp_path / "in", "RG1_UNCR.dcm", count=1)
             sent = dcmtk("storescu", "-aec", receiver.ae_title, "127.0.0.1",
                          str(receiver.port), *map(str, paths))
             assert sent.returncode == 0, sent.stderr

@@ -33,7 +33,7 @@ from dicom_node.receive import limits
 from dicom_node.receive.scp import Receiver
 from dicom_node.receive.status import EchoStatus
 from dicom_node.store.db import make_engine
-from tests.peers import dcmtk
+from tests.support.peers import dcmtk
 
 CROWD = 300
 CROWD_HOST = "127.0.0.1"

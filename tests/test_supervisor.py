@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from dicom_node.processes import MAX_RESTART_DELAY, STABLE_SECONDS, RestartPolicy
-from tests import peers
-from tests.peers import NodeProcess, dcmtk
+from tests.support import peers
+from tests.support.peers import NodeProcess, dcmtk
 
 node_factory = peers.node_factory
 

@@ -2,7 +2,7 @@
 listener, the node sending to Orthanc with DICOM TLS on (and Orthanc sending to the node), the
 worklist queried over TLS from Orthanc's Modality Worklists plugin, the handshake deadline, the
 config checks of the certificate files, reload, and ``doctor``. The certificates come from a
-throwaway CA (tests/tls_certs.py)."""
+throwaway CA (tests/support/tls_certs.py)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from dicom_node.reload import ConfigWatcher
 from dicom_node.send.scu import echo, send_files
 from dicom_node.worklist.query import query_worklist
 from tests.conftest import running_receiver, sample_file
-from tests.peers import OrthancServer, OrthancTls, dcmtk, free_port, to_toml, wait_until
-from tests.test_limits import refused
-from tests.tls_certs import Issued, TestCA, write_encrypted_key
-from tests.worklist_peer import worklist_item_dump, write_worklist_file
+from tests.support.metrics import refused
+from tests.support.peers import OrthancServer, OrthancTls, dcmtk, free_port, to_toml, wait_until
+from tests.support.tls_certs import Issued, TestCA, write_encrypted_key
+from tests.support.worklist_peer import worklist_item_dump, write_worklist_file
 
 AET = "DICOM_NODE"
 Logs = list[MutableMapping[str, Any]]

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import PreprocessingError
 from dicom_node.infer.volume import load_volume
-from tests.ct_series import slice_positions, write_chest_ct_series
-from tests.dicom_tools import dciodvfy
+from tests.support.ct_series import slice_positions, write_chest_ct_series
+from tests.support.dicom_tools import dciodvfy
 
 
 def read(paths: list[Path]) -> list[Dataset]:

@@ -25,8 +25,8 @@ from dicom_node.worklist.order import item_from_json, step_key
 from dicom_node.worklist.query import query_worklist
 from dicom_node.worklist.refresh import WorklistPoller, refresh
 from tests.conftest import sample_file
-from tests.peers import NodeProcess, dcmtk, free_port, to_toml, wait_until
-from tests.worklist_peer import WorklistSCP
+from tests.support.peers import NodeProcess, dcmtk, free_port, to_toml, wait_until
+from tests.support.worklist_peer import WorklistSCP
 
 T0 = datetime(2030, 3, 4, 8, 0, 0)
 TODAY = date.today()

@@ -26,7 +26,7 @@ What it does, reproducibly from one seed (nothing is downloaded, no patient data
 Evaluation cases (``--export-eval DIR``; the same cases the card's metrics were measured on)::
 
     DIR/<case>/IM0001.dcm …      the series: single-frame CT Image Storage, written by
-                                 tests/ct_series.py (head first; file order is not spatial)
+                                 tests/support/ct_series.py (head first; file order is not spatial)
     DIR/<case>/mask.npz          mask               uint8 (slices, rows, cols), 1 = nodule;
                                                     slice i = the i-th image of the series
                                                     sorted along the slice normal (ascending
@@ -62,7 +62,7 @@ from scipy import ndimage
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))  # synthetic.py (the folder name is not a package name)
-sys.path.insert(1, str(ROOT))  # dicom_node and tests.ct_series
+sys.path.insert(1, str(ROOT))  # dicom_node and tests.support.ct_series
 
 from synthetic import Grid, SyntheticCT, make_case  # noqa: E402
 
@@ -327,7 +327,7 @@ def export_case(folder: Path, index: int, seed: int) -> Path:
     """Write one held-out case as a DICOM series plus mask.npz (layout: module docstring)."""
     import pydicom
 
-    from tests.ct_series import write_ct
+    from tests.support.ct_series import write_ct
 
     ct = test_case(seed)
     case = folder / f"case{index:03d}"

@@ -13,9 +13,9 @@ owns (``tmp_path`` in tests), and stopped (and waited for) when its ``with`` blo
 
 The pytest fixtures at the end (``orthanc_factory``, ``orthanc``, ``storescp``, ``node_factory``)
 wrap these; ``tests/conftest.py`` makes them available to every test by importing them
-(``from tests.peers import node_factory, orthanc, orthanc_factory, storescp``). Not with
-``pytest_plugins = ["tests.peers"]`` next to another import of this module: pytest then warns that
-it cannot rewrite an imported module, and warnings are errors here.
+(``from tests.support.peers import node_factory, orthanc, orthanc_factory, storescp``). Not with
+``pytest_plugins = ["tests.support.peers"]`` next to another import of this module: pytest then
+warns that it cannot rewrite an imported module, and warnings are errors here.
 
 Why ``TCP_NODELAY=1`` everywhere: Debian's dcmtk 3.6.7 and Orthanc 1.10 leave Nagle's algorithm
 on unless the environment says otherwise, and every instance then waits ~55 ms for a delayed ACK

@@ -39,7 +39,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "lung-nodule-unet"
+MODEL_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "lung-nodule-unet"
 #: Nodule density written by :func:`write_chest_ct_series` (solid soft tissue, HU).
 NODULE_HU = 40.0
 _WHEN = datetime(2025, 1, 17, 9, 30, 0)

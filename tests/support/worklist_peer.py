@@ -35,7 +35,7 @@ from typing import Any, Self
 
 import pytest
 
-from tests.peers import (
+from tests.support.peers import (
     PEER_ENV,
     START_TIMEOUT_S,
     _fresh_dir,
