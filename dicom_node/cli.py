@@ -258,10 +258,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     target = Path(args.study)
     sessions = _sessions(config)
     if target.exists():
-        from dicom_node.store.readback import describe
-
         def left_out(path: str, exc: Exception) -> None:
-            print(f"left out {path}: {describe(exc)}")
+            print(f"left out {path}: {exc}")
 
         summary = summarize_files(expand_paths([target]), args.calling_ae or (), left_out)
         if summary.instance_count == 0:

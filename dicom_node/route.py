@@ -14,13 +14,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 
 from dicom_node.config import CALLING_AE_KEY, RegexMatch, Route
+from dicom_node.errors import UnreadableInstanceError
 from dicom_node.log import IDENTIFYING_KEYS
 from dicom_node.messages import StudySummary
+from dicom_node.store.readback import read_instance
 from dicom_node.worklist.order import Order
 
 
@@ -40,43 +42,21 @@ def _element_values(element: DataElement) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
-def dataset_values(ds: Dataset) -> dict[str, set[str]]:
-    """Keyword → values of every public element of one data set, nested ones too. Raises what
-    pydicom raises for an element it cannot convert (a wrong VR or length, deep nesting…)."""
-    values: dict[str, set[str]] = {}
-    for element in ds.iterall():
-        if not element.keyword or element.tag.is_private:
-            continue
-        found = _element_values(element)
-        if found:
-            values.setdefault(element.keyword, set()).update(found)
-    return values
-
-
 def summarize(study_uid: str, datasets: Iterable[Dataset], calling_aes: Iterable[str],
-              instance_count: int | None = None,
-              on_unreadable: Callable[[Dataset, Exception], None] | None = None
-              ) -> StudySummary:
-    """Collect keyword → values from representative instances (one per series is enough).
-
-    A data set whose elements cannot be converted is left out and handed to ``on_unreadable``
-    (with what went wrong); without it, the error propagates."""
+              instance_count: int | None = None) -> StudySummary:
+    """Collect keyword → values from representative instances (one per series is enough)."""
     values: dict[str, set[str]] = {}
     series: set[str] = set()
     count = 0
     for ds in datasets:
-        try:
-            found = dataset_values(ds)
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-        except Exception as exc:  # any conversion failure of one data set
-            if on_unreadable is None:
-                raise
-            on_unreadable(ds, exc)
-            continue
         count += 1
-        series.add(series_uid)
-        for keyword, found_values in found.items():
-            values.setdefault(keyword, set()).update(found_values)
+        series.add(str(ds.get("SeriesInstanceUID", "")))
+        for element in ds.iterall():
+            if not element.keyword or element.tag.is_private:
+                continue
+            found = _element_values(element)
+            if found:
+                values.setdefault(element.keyword, set()).update(found)
     return StudySummary(
         study_instance_uid=study_uid,
         values={k: frozenset(v) for k, v in values.items()},
@@ -87,28 +67,23 @@ def summarize(study_uid: str, datasets: Iterable[Dataset], calling_aes: Iterable
 
 
 def summarize_files(paths: Sequence[Path], calling_aes: Iterable[str] = (),
-                    on_unreadable: Callable[[str, Exception], None] | None = None
+                    on_unreadable: Callable[[str, UnreadableInstanceError], None] | None = None
                     ) -> StudySummary:
     """Summarize a study from files (headers only). Used by the dry-run on a folder.
 
-    With ``on_unreadable``, a file that cannot be read or converted is left out and handed to it
-    (with its path); without, the error is raised."""
+    Each file is read as the completion sweep reads a stored instance (store.readback); with
+    ``on_unreadable``, one that cannot be read is left out and handed to it with its path,
+    without, the error is raised."""
     datasets = []
     for path in paths:
         try:
-            datasets.append(dcmread(path, stop_before_pixels=True))
-        except Exception as exc:  # any failure to read one file: left out, as in completion
+            datasets.append(read_instance(path, headers_only=True))
+        except UnreadableInstanceError as exc:
             if on_unreadable is None:
                 raise
             on_unreadable(str(path), exc)
     study_uids = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
-
-    def unconvertible(ds: Dataset, exc: Exception) -> None:
-        assert on_unreadable is not None
-        on_unreadable(str(ds.filename), exc)
-
-    return summarize(",".join(sorted(study_uids)), datasets, calling_aes,
-                     on_unreadable=None if on_unreadable is None else unconvertible)
+    return summarize(",".join(sorted(study_uids)), datasets, calling_aes)
 
 
 def _accepts(accepted: RegexMatch | str, found: str) -> bool:
