@@ -6,10 +6,11 @@ and the data folder, so a slow or crashing model never stalls the SCP. The super
 child that dies, with a growing delay, and forwards SIGHUP (reload) and SIGTERM (stop).
 
 A worker names itself in the leases it holds by host, pid and process start time
-(dicom_node.jobs.owners). ``serve`` and every worker, when they start, give back the job leases
-and send slots of owners on this machine that are provably dead (a ``serve`` killed with -9, a
-worker that crashed), so that interrupted jobs run again within seconds instead of after
-``jobs.lease_seconds``; owners on other machines, and live ones here, keep theirs.
+(dicom_node.jobs.owners). Every worker (``serve``'s, or ``dicom-node worker``), when it starts,
+gives back the job leases and send slots of owners on this machine that are provably dead (a
+``serve`` killed with -9, a worker that crashed), so that interrupted jobs run again within seconds
+instead of after ``jobs.lease_seconds``; owners on other machines, and live ones here, keep
+theirs.
 """
 
 from __future__ import annotations
@@ -178,11 +179,9 @@ def serve(config: Config, config_path: Path) -> int:
     # The schema is brought to head once, before any child starts: a database the node cannot
     # use (upgraded by a newer dicom-node, unreachable) stops here with its message, instead of
     # children that fail at start and are restarted for ever.
-    engine = make_engine(config.database.url)
-    # The workers of a serve that was killed (kill -9, a power cut of the process tree) are
-    # dead: their jobs run again now, not after their leases (the workers check again too).
-    release_dead_owners(make_sessionmaker(engine), config.jobs)
-    engine.dispose()
+    # Each worker gives back the leases of this machine's dead workers when it starts
+    # (run_worker), those of a serve that was killed with -9 included.
+    make_engine(config.database.url).dispose()
 
     def start(name: str) -> None:
         role = "receive" if name == "receiver" else "worker"

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.commitment.request import request_commitment
@@ -88,7 +87,7 @@ def _load_sources(config: Config, sessions: sessionmaker[Session], job: ClaimedJ
     with sessions.begin() as session:
         for inst, reason in unreadable:
             set_aside(session, inst, reason, stage=f"job {job.id}")
-        skipped = _skipped(session, job.study_instance_uid, modalities)
+        skipped = set_aside_instances(session, job.study_instance_uid, modalities)
         if skipped:
             row = session.get(Job, job.id)
             if row is not None:
@@ -123,16 +122,6 @@ def _set_aside_undecodable(sessions: sessionmaker[Session], job: ClaimedJob,
             return False
         set_aside(session, instance, describe(exc), stage=f"job {job.id}")
     return True
-
-
-def _skipped(session: Session, study_uid: str, modalities: tuple[str, ...]) -> dict[str, str]:
-    """The study's set-aside instances of the model's modalities: SOP Instance UID → reason."""
-    reasons = set_aside_instances(session, study_uid)
-    if not modalities or not reasons:
-        return reasons
-    kept = set(session.scalars(select(Instance.sop_instance_uid).where(
-        Instance.sop_instance_uid.in_(list(reasons)), Instance.modality.in_(modalities))))
-    return {uid: why for uid, why in reasons.items() if uid in kept}
 
 
 def _write_results(folder: Path, output: PipelineOutput, scratch: Path,

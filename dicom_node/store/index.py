@@ -182,12 +182,16 @@ def set_aside_instance(session: Session, sop_instance_uid: str, reason: str) -> 
                     .values(set_aside_reason=reason or "unreadable"))
 
 
-def set_aside_instances(session: Session, study_uid: str) -> dict[str, str]:
-    """SOP Instance UID → reason, for the study's set-aside instances."""
-    rows = session.execute(
-        select(Instance.sop_instance_uid, Instance.set_aside_reason)
-        .where(Instance.study_instance_uid == study_uid)
-        .where(Instance.set_aside_reason.is_not(None))).all()
+def set_aside_instances(session: Session, study_uid: str,
+                        modalities: Sequence[str] = ()) -> dict[str, str]:
+    """SOP Instance UID → reason, for the study's set-aside instances (of these modalities,
+    if any are given)."""
+    query = (select(Instance.sop_instance_uid, Instance.set_aside_reason)
+             .where(Instance.study_instance_uid == study_uid)
+             .where(Instance.set_aside_reason.is_not(None)))
+    if modalities:
+        query = query.where(Instance.modality.in_(list(modalities)))
+    rows = session.execute(query).all()
     return {row[0]: row[1] or "unreadable" for row in rows}
 
 
